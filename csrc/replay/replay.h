@@ -1,0 +1,55 @@
+// Index math of the task-stratified replay buffer, shared by the CPU loops (replay_cpu.cpp) and the CUDA
+// kernels (replay_cuda.cu), so the CPU tests exercise exactly the arithmetic the GPU runs.
+//
+// Layout: every field is stored as [tasks, capacity, ...]; task t is a ring buffer of `capacity` rows.
+// The only per-task state is `added[t]`, the number of transitions ever written to task t:
+//   write cursor = added[t] % capacity, fill count = min(added[t], capacity).
+// Filled rows are always rows [0, fill count) of the task: the ring fills from row 0 and, once full, every
+// row holds data.
+#pragma once
+
+#include <cstdint>
+
+#include "philox.h"
+
+namespace mtrl_hpc {
+namespace replay {
+
+MTRL_HD inline int64_t fill_count(int64_t added, int64_t capacity) { return added < capacity ? added : capacity; }
+
+// Ring slot of the `rank`-th row (0-based) of the current add call for a task that held `added` rows before.
+MTRL_HD inline int64_t write_slot(int64_t added, int64_t rank, int64_t capacity) { return (added + rank) % capacity; }
+
+// When one add call writes `total` rows to a task, the first total - capacity of them are overwritten by
+// later rows of the same call; only the last `capacity` rows are stored.
+MTRL_HD inline bool row_survives(int64_t rank, int64_t total, int64_t capacity) { return rank + capacity >= total; }
+
+// Task of batch row b: offsets is the exclusive prefix sum of rows per task, offsets[0] = 0,
+// offsets[num_tasks] = batch size. Returns the t with offsets[t] <= b < offsets[t + 1] (binary search; the
+// result stays in [0, num_tasks) even for malformed offsets).
+MTRL_HD inline int64_t task_of_row(const int64_t* offsets, int64_t num_tasks, int64_t b) {
+  int64_t lo = 0, hi = num_tasks - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= b) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Row of a task drawn for batch row b of the sample call number `counter`. Philox4x32-10 keyed by the 64-bit
+// seed, counter = (b low, b high, counter low, counter high); the first two output words form 64 random
+// bits r, mapped to [0, size) by the multiply-high floor(r * size / 2^64). Requires size > 0.
+MTRL_HD inline int64_t draw_row(uint64_t seed, uint64_t counter, uint64_t b, int64_t size) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32),
+                                  static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
+                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const uint64_t bits = static_cast<uint64_t>(r.x[0]) | (static_cast<uint64_t>(r.x[1]) << 32);
+  return static_cast<int64_t>(mulhi64(bits, static_cast<uint64_t>(size)));
+}
+
+}  // namespace replay
+}  // namespace mtrl_hpc

@@ -1,0 +1,194 @@
+// CPU kernels of the replay buffer: add (write one env step) and sample (stratified draw + gather).
+// The index math and the RNG come from replay.h / philox.h, shared with the CUDA kernels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "replay/replay.h"
+#include "replay/replay_checks.h"
+
+namespace mtrl_hpc {
+namespace replay {
+namespace {
+
+template <typename D, typename S>
+inline void convert_row(D* dst, const S* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(static_cast<float>(src[i]));
+}
+
+// Copies n values from src (dtype st) to dst (dtype dt): memcpy when the dtypes match, else a converting loop
+// (rounding through float, as on the GPU).
+inline void copy_row(void* dst, at::ScalarType dt, const void* src, at::ScalarType st, int64_t n) {
+  if (dt == st) {
+    std::memcpy(dst, src, n * c10::elementSize(dt));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "replay_copy_row", [&] {
+    const auto* s = static_cast<const scalar_t*>(src);
+    switch (dt) {
+      case at::kFloat: convert_row(static_cast<float*>(dst), s, n); break;
+      case at::kHalf: convert_row(static_cast<c10::Half*>(dst), s, n); break;
+      case at::kBFloat16: convert_row(static_cast<c10::BFloat16*>(dst), s, n); break;
+      default: TORCH_CHECK(false, "replay: unsupported destination dtype ", dt);
+    }
+  });
+}
+
+inline float read_scalar(const at::Tensor& x, int64_t i) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return x.data_ptr<float>()[i];
+    case at::kDouble: return static_cast<float>(x.data_ptr<double>()[i]);
+    case at::kHalf: return static_cast<float>(x.data_ptr<c10::Half>()[i]);
+    case at::kBFloat16: return static_cast<float>(x.data_ptr<c10::BFloat16>()[i]);
+    case at::kBool: return x.data_ptr<bool>()[i] ? 1.f : 0.f;
+    case at::kByte: return static_cast<float>(x.data_ptr<uint8_t>()[i]);
+    default: TORCH_CHECK(false, "replay: unsupported dtype ", x.scalar_type());
+  }
+}
+
+void replay_add_cpu(at::Tensor obs_store, at::Tensor action_store, at::Tensor reward_store, at::Tensor next_obs_store,
+                    at::Tensor not_done_store, at::Tensor added, const at::Tensor& obs, const at::Tensor& action,
+                    const at::Tensor& reward, const at::Tensor& next_obs, const at::Tensor& done,
+                    const at::Tensor& task_ids) {
+  const StoreInfo s = check_stores("replay_add", obs_store, action_store, reward_store, next_obs_store, not_done_store, added);
+  check_add_inputs(s, obs_store, action_store, obs, action, reward, next_obs, done, task_ids);
+  const int64_t N = task_ids.size(0);
+  if (N == 0) return;
+  const at::Tensor ids = task_ids.contiguous();
+  const at::Tensor o = obs.contiguous(), no = next_obs.contiguous(), a = action.contiguous();
+  const at::Tensor r = reward.contiguous(), d = done.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  int64_t* cnt = added.data_ptr<int64_t>();
+  const int64_t C = s.capacity, O = s.obs_numel, A = s.action_numel;
+  const at::ScalarType st = obs_store.scalar_type();
+  const size_t ob = c10::elementSize(st), ib = c10::elementSize(o.scalar_type()), ab = c10::elementSize(a.scalar_type());
+  char* os = static_cast<char*>(obs_store.data_ptr());
+  char* ns = static_cast<char*>(next_obs_store.data_ptr());
+  float* as = action_store.data_ptr<float>();
+  float* rs = reward_store.data_ptr<float>();
+  float* ds = not_done_store.data_ptr<float>();
+  const char* op = static_cast<const char*>(o.data_ptr());
+  const char* nop = static_cast<const char*>(no.data_ptr());
+  const char* ap = static_cast<const char*>(a.data_ptr());
+  // Rows are written in order, so repeated task ids land in consecutive ring slots.
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = id[i];
+    const int64_t row = t * C + write_slot(cnt[t], 0, C);
+    copy_row(os + row * O * ob, st, op + i * O * ib, o.scalar_type(), O);
+    copy_row(ns + row * O * ob, st, nop + i * O * ib, no.scalar_type(), O);
+    copy_row(as + row * A, at::kFloat, ap + i * A * ab, a.scalar_type(), A);
+    rs[row] = read_scalar(r, i);
+    ds[row] = read_scalar(d, i) != 0.f ? 0.f : 1.f;
+    cnt[t] += 1;
+  }
+}
+
+// Software prefetch of one stored row (all its cache lines).
+inline void prefetch_bytes(const char* p, size_t n) {
+  for (size_t k = 0; k < n; k += 64) __builtin_prefetch(p + k, 0, 0);
+}
+
+void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_store, const at::Tensor& reward_store,
+                       const at::Tensor& next_obs_store, const at::Tensor& not_done_store, const at::Tensor& added,
+                       const at::Tensor& offsets, int64_t seed, int64_t counter, at::Tensor obs, at::Tensor action,
+                       at::Tensor reward, at::Tensor next_obs, at::Tensor not_done, at::Tensor task_ids,
+                       at::Tensor indices) {
+  const StoreInfo s = check_stores("replay_sample", obs_store, action_store, reward_store, next_obs_store,
+                                   not_done_store, added);
+  const int64_t B = check_sample_args(s, obs_store, action_store, offsets, obs, action, reward, next_obs, not_done,
+                                      task_ids, indices);
+  const int64_t T = s.num_tasks, C = s.capacity, O = s.obs_numel, A = s.action_numel;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* cnt = added.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[T] == B, "replay_sample(): offsets must start at 0 and end at the batch size ", B,
+              ", got ", off[0], " and ", off[T]);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(off[t + 1] >= off[t], "replay_sample(): offsets must be non-decreasing (rows per task >= 0), task ",
+                t, " has ", off[t + 1] - off[t]);
+    TORCH_CHECK(off[t + 1] == off[t] || cnt[t] > 0, "replay_sample(): task ", t, " is asked for ", off[t + 1] - off[t],
+                " rows but holds no data; add transitions for it first or give it weight 0");
+  }
+  int64_t* ind = indices.data_ptr<int64_t>();
+  int64_t* tid = task_ids.data_ptr<int64_t>();
+  const uint64_t useed = static_cast<uint64_t>(seed), uctr = static_cast<uint64_t>(counter);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t size = fill_count(cnt[t], C);
+    for (int64_t b = off[t]; b < off[t + 1]; ++b) {
+      ind[b] = draw_row(useed, uctr, static_cast<uint64_t>(b), size);
+      tid[b] = t;
+    }
+  }
+  // Gather: every field of row b in one pass, prefetching a few rows ahead to overlap the cache misses.
+  const at::ScalarType st = obs_store.scalar_type();
+  const size_t ob = c10::elementSize(st);
+  const char* os = static_cast<const char*>(obs_store.data_ptr());
+  const char* ns = static_cast<const char*>(next_obs_store.data_ptr());
+  const float* as = action_store.data_ptr<float>();
+  const float* rs = reward_store.data_ptr<float>();
+  const float* ds = not_done_store.data_ptr<float>();
+  float* oo = obs.data_ptr<float>();
+  float* no = next_obs.data_ptr<float>();
+  float* ao = action.data_ptr<float>();
+  float* ro = reward.data_ptr<float>();
+  float* dout = not_done.data_ptr<float>();
+  constexpr int64_t kAhead = 8;
+  auto gather = [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (b + kAhead < end) {
+        const int64_t pr = tid[b + kAhead] * C + ind[b + kAhead];
+        prefetch_bytes(os + pr * O * ob, O * ob);
+        prefetch_bytes(ns + pr * O * ob, O * ob);
+        prefetch_bytes(reinterpret_cast<const char*>(as + pr * A), A * sizeof(float));
+        __builtin_prefetch(rs + pr, 0, 0);
+        __builtin_prefetch(ds + pr, 0, 0);
+      }
+      const int64_t row = tid[b] * C + ind[b];
+      copy_row(oo + b * O, at::kFloat, os + row * O * ob, st, O);
+      copy_row(no + b * O, at::kFloat, ns + row * O * ob, st, O);
+      std::memcpy(ao + b * A, as + row * A, A * sizeof(float));
+      ro[b] = rs[row];
+      dout[b] = ds[row];
+    }
+  };
+  const int64_t grain = std::getenv("MTRL_REPLAY_GRAIN") ? std::atoll(std::getenv("MTRL_REPLAY_GRAIN")) : (1 << 30);
+  if (B > grain) {
+    at::parallel_for(0, B, grain, gather);
+  } else {
+    gather(0, B);
+  }
+}
+
+// Raw Philox4x32-10 words for testing: counters [N, 4] int64 holding uint32 values, key = 64-bit seed.
+at::Tensor replay_philox_cpu(const at::Tensor& counters, int64_t seed) {
+  TORCH_CHECK(counters.dim() == 2 && counters.size(1) == 4, "replay_philox(): counters must be [N, 4], got ",
+              shape_str(counters.sizes()));
+  TORCH_CHECK(counters.scalar_type() == at::kLong, "replay_philox(): counters must be int64, got ",
+              counters.scalar_type());
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const int64_t* cp = c.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const uint64_t k = static_cast<uint64_t>(seed);
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(cp[4 * i]), static_cast<uint32_t>(cp[4 * i + 1]),
+                                    static_cast<uint32_t>(cp[4 * i + 2]), static_cast<uint32_t>(cp[4 * i + 3]),
+                                    static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32));
+    for (int j = 0; j < 4; ++j) op[4 * i + j] = static_cast<int64_t>(r.x[j]);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace replay
+}  // namespace mtrl_hpc
+
+TORCH_LIBRARY_IMPL(mtrl_hpc, CPU, m) {
+  m.impl("replay_add", &mtrl_hpc::replay::replay_add_cpu);
+  m.impl("replay_sample", &mtrl_hpc::replay::replay_sample_cpu);
+  m.impl("replay_philox", &mtrl_hpc::replay::replay_philox_cpu);
+}
