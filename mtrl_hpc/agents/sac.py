@@ -1,0 +1,218 @@
+"""Multi-task SAC (mtrl's state_sac): twin critics with targets, a tanh-Gaussian actor, one temperature
+shared or per task, optional per-task heads and task conditioning.
+
+`update()` is the hot path. It makes no host syncs: the three losses are the compiled per-task ops of
+mtrl_hpc.losses (each returns a loss per task), and the metrics it returns are device tensors that the
+caller reads only when it logs.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from mtrl_hpc import losses
+from mtrl_hpc.nets.actor import Actor
+from mtrl_hpc.nets.critic import TwinCritic
+from mtrl_hpc.nets.encoder import make_encoder
+from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder
+
+OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
+
+
+def make_optimizer(params, optimizer_cfg, device: str) -> torch.optim.Optimizer:
+    target = optimizer_cfg["_target_"]
+    if target not in OPTIMIZERS:
+        raise ValueError(f"optimizer _target_={target!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
+    kwargs = {k: v for k, v in optimizer_cfg.items() if k != "_target_"}
+    kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
+    # One fused kernel for all parameters instead of a loop of small per-tensor updates.
+    return OPTIMIZERS[target](params, fused=True, **kwargs)
+
+
+def _uses_task_info(flags) -> bool:
+    encoder_side = flags.should_condition_encoder_on_task_info and flags.should_concatenate_task_info_with_encoder
+    return bool(encoder_side or flags.should_condition_model_on_task_info)
+
+
+class SACAgent(nn.Module):
+    def __init__(self, cfg, obs_dim: int, action_dim: int, num_tasks: int, device: str):
+        super().__init__()
+        mt = cfg.multitask
+        b = cfg.builder
+        self.num_tasks = num_tasks
+        self.action_dim = action_dim
+        self.discount = float(b.discount)
+        self.critic_tau = float(b.critic_tau)
+        self.encoder_tau = float(b.encoder_tau)
+        self.actor_update_freq = int(b.actor_update_freq)
+        self.critic_target_update_freq = int(b.critic_target_update_freq)
+        self.target_entropy = -float(action_dim)
+        self.actor_uses_task = _uses_task_info(mt.actor_cfg)
+        self.critic_uses_task = _uses_task_info(mt.critic_cfg)
+        head_layers = int(mt.multi_head_policy_cfg.num_layers) if mt.should_use_multi_head_policy else None
+
+        if mt.should_use_task_encoder:
+            m = mt.task_encoder_cfg.model_cfg
+            self.task_encoder = TaskEncoder(m.num_embeddings, m.embedding_dim, m.hidden_dim, m.num_layers, m.output_dim)
+        else:
+            self.task_encoder = OneHotTask(num_tasks)
+        self.task_encoder_losses = set(mt.task_encoder_cfg.losses_to_train) if mt.should_use_task_encoder else set()
+        task_dim = self.task_encoder.output_dim
+
+        # The critic owns the encoder (trained by the critic loss); the actor reads its features detached.
+        self.encoder = make_encoder(cfg.encoder, obs_dim)
+        feature_dim = self.encoder.feature_dim
+        self.actor = Actor(feature_dim + (task_dim if self.actor_uses_task else 0), action_dim, cfg.actor.hidden_dim,
+                           cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers)
+        self.critic = TwinCritic(feature_dim + (task_dim if self.critic_uses_task else 0), action_dim,
+                                 cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.encoder_target = copy.deepcopy(self.encoder).requires_grad_(False)
+        num_alphas = num_tasks if mt.should_use_disentangled_alpha else 1
+        self.log_alpha = nn.Parameter(torch.full((num_alphas,), float(b.init_temperature)).log())
+        self.to(device)
+
+        opt = cfg.optimizers
+        critic_params = list(self.critic.parameters()) + list(self.encoder.parameters())
+        if "critic" in self.task_encoder_losses:
+            critic_params += list(self.task_encoder.parameters())
+        actor_params = list(self.actor.parameters())
+        if "actor" in self.task_encoder_losses:
+            actor_params += list(self.task_encoder.parameters())
+        self.actor_optimizer = make_optimizer(actor_params, opt.actor, device)
+        self.critic_optimizer = make_optimizer(critic_params, opt.critic, device)
+        self.alpha_optimizer = make_optimizer([self.log_alpha], opt.alpha, device)
+        self._critic_params = list(self.critic.parameters())
+        # (target, source) parameter lists for the soft target updates.
+        self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)
+        self._encoder_pairs = (list(self.encoder_target.parameters()), list(self.encoder.parameters()))
+
+        if cfg.compile:
+            self.actor.model = torch.compile(self.actor.model)
+            self.critic.model = torch.compile(self.critic.model)
+            self.critic_target.model = torch.compile(self.critic_target.model)
+
+    # ---- inputs ----
+    def _inputs(self, features: torch.Tensor, task: torch.Tensor | None, uses_task: bool) -> torch.Tensor:
+        return torch.cat([features, task], dim=-1) if uses_task else features
+
+    def _task(self, task_ids: torch.Tensor, loss: str) -> torch.Tensor:
+        task = self.task_encoder(task_ids)
+        return task if loss in self.task_encoder_losses else task.detach()
+
+    # ---- acting ----
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
+        """Actions for one row per task ([tasks, obs_dim] -> [tasks, action_dim]), grouped by task."""
+        x = self._inputs(self.encoder(obs), self.task_encoder(task_ids), self.actor_uses_task)
+        return self.actor.act(x, sample)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    # ---- learning ----
+    def update(self, batch, step: int) -> dict[str, torch.Tensor]:
+        """One SAC update on a batch grouped by task; returns detached device tensors."""
+        T = self.num_tasks
+        task_ids = batch.task_ids
+        metrics = {}
+
+        # Critic: Bellman target with the per-task entropy bonus.
+        with torch.no_grad():
+            next_features = self.encoder(batch.next_obs)
+            next_task = self.task_encoder(task_ids)
+            next_action, next_log_prob, _ = self.actor(self._inputs(next_features, next_task, self.actor_uses_task))
+            target_features = self.encoder_target(batch.next_obs)
+            tq1, tq2 = self.critic_target(self._inputs(target_features, next_task, self.critic_uses_task), next_action)
+            target_q = torch.minimum(tq1, tq2)
+        features = self.encoder(batch.obs)
+        q1, q2 = self.critic(self._inputs(features, self._task(task_ids, "critic"), self.critic_uses_task), batch.action)
+        critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
+                                           self.log_alpha, task_ids, self.discount, T)
+        critic_loss = critic_losses.mean()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        metrics["critic_loss"] = critic_loss.detach()
+        metrics["critic_loss_env_index_"] = critic_losses.detach()
+        metrics["batch_reward"] = batch.reward.mean()
+
+        if step % self.actor_update_freq == 0:
+            metrics.update(self._update_actor_and_alpha(features.detach(), task_ids))
+        if step % self.critic_target_update_freq == 0:
+            self._soft_update_targets()
+        return metrics
+
+    @torch.no_grad()
+    def _soft_update_targets(self) -> None:
+        # target <- target + tau * (source - target), one fused call per group of parameters.
+        torch._foreach_lerp_(*self._critic_pairs, self.critic_tau)
+        if self._encoder_pairs[0]:
+            torch._foreach_lerp_(*self._encoder_pairs, self.encoder_tau)
+
+    def _update_actor_and_alpha(self, features: torch.Tensor, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        T = self.num_tasks
+        task = self._task(task_ids, "actor")
+        action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task))
+        # The critic only scores the actor's actions here: no gradients for its weights.
+        for p in self._critic_params:
+            p.requires_grad_(False)
+        q1, q2 = self.critic(self._inputs(features, task.detach(), self.critic_uses_task), action)
+        for p in self._critic_params:
+            p.requires_grad_(True)
+        actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T)
+        actor_loss = actor_losses.mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        alpha_losses = losses.temperature_loss(log_prob.detach(), self.log_alpha, task_ids, self.target_entropy, T)
+        alpha_loss = alpha_losses.mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+        alpha = self.alpha
+        return {
+            "actor_loss": actor_loss.detach(),
+            "actor_loss_env_index_": actor_losses.detach(),
+            "actor_entropy": -log_prob.detach().mean(),
+            "alpha_loss": alpha_loss.detach(),
+            "alpha_value": alpha.mean(),
+            "alpha_value_env_index_": alpha.expand(T),
+        }
+
+    # ---- state (checkpoints) ----
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor_optimizer, "critic": self.critic_optimizer, "alpha": self.alpha_optimizer}
+
+    def training_state(self) -> dict:
+        """Networks, targets, log_alpha, task encoder and optimizer states, as a tree of tensors and plain data."""
+        return {
+            "modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "optimizers": {name: _optimizer_state(opt) for name, opt in self.optimizers().items()},
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["modules"])
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(_optimizer_state_from_tree(state["optimizers"][name]))
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    # Parameter ids become string keys, tuples become lists: a tree HDF5 can hold.
+    sd = opt.state_dict()
+    return {
+        "state": {str(i): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()},
+        "param_groups": {str(i): {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+                         for i, g in enumerate(sd["param_groups"])},
+    }
+
+
+def _optimizer_state_from_tree(tree: dict) -> dict:
+    groups = [tree["param_groups"][k] for k in sorted(tree["param_groups"], key=int)]
+    return {
+        "state": {int(i): dict(s) for i, s in tree["state"].items()},
+        "param_groups": [dict(g, params=[int(p) for p in g["params"]], betas=tuple(g["betas"])) for g in groups],
+    }

@@ -1,0 +1,98 @@
+"""Checks of a composed config, run before anything is built: one clear line per problem."""
+
+import torch
+
+from mtrl_hpc.agents import AGENTS
+from mtrl_hpc.agents.sac import OPTIMIZERS
+from mtrl_hpc.nets.encoder import ENCODER_TYPES
+
+OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TASK_ENCODER_LOSSES = ("critic", "actor")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and how to fix it."""
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"setup.device={device} but torch sees no CUDA device; use setup.device=cpu or auto")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"setup.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    return device
+
+
+def check_config(cfg) -> list[str]:
+    """Every problem found in cfg, as messages naming the key (empty when the config can run)."""
+    problems = []
+    exp, env, agent, rb = cfg.experiment, cfg.env, cfg.agent, cfg.replay_buffer
+    mt = agent.multitask
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    for key in ("num_train_steps", "init_steps", "num_updates_per_step"):
+        need(isinstance(exp[key], int) and exp[key] >= 0, f"experiment.{key}={exp[key]} must be an integer >= 0")
+    need(isinstance(exp.eval_freq, int) and exp.eval_freq > 0, f"experiment.eval_freq={exp.eval_freq} must be an integer > 0")
+    need(isinstance(exp.num_eval_episodes, int) and exp.num_eval_episodes >= 1,
+         f"experiment.num_eval_episodes={exp.num_eval_episodes} must be an integer >= 1")
+    need(isinstance(exp.save.model.retain_last_n, int) and exp.save.model.retain_last_n >= -1,
+         f"experiment.save.model.retain_last_n={exp.save.model.retain_last_n} must be -1 (all), 0 (none) or a positive count")
+    need(isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1,
+         f"env.max_episode_steps={env.max_episode_steps} must be an integer >= 1")
+    save_freq = exp.save.freq
+    if not (isinstance(save_freq, int) and save_freq >= 0):
+        problems.append(f"experiment.save.freq={save_freq} must be an integer >= 0 (0: no periodic checkpoints)")
+    elif save_freq and isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1 and save_freq % env.max_episode_steps:
+        problems.append(
+            f"experiment.save.freq={save_freq} must be a multiple of env.max_episode_steps={env.max_episode_steps}: "
+            f"checkpoints fall on episode boundaries (e.g. experiment.save.freq={save_freq - save_freq % env.max_episode_steps or env.max_episode_steps})"
+        )
+
+    need(mt.num_envs == env.num_envs,
+         f"agent.multitask.num_envs={mt.num_envs} but env={env.name} has {env.num_envs} tasks; set agent.multitask.num_envs={env.num_envs}")
+    need(agent.name in AGENTS, f"agent.name={agent.name!r} is not available; choose one of {', '.join(AGENTS)}")
+    need(agent.encoder.type_to_select in ENCODER_TYPES,
+         f"agent.encoder.type_to_select={agent.encoder.type_to_select!r} is not available; choose one of {', '.join(ENCODER_TYPES)}")
+    for name, opt in agent.optimizers.items():
+        need(opt["_target_"] in OPTIMIZERS,
+             f"agent.optimizers.{name}._target_={opt['_target_']!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
+        need(opt.lr > 0, f"agent.optimizers.{name}.lr={opt.lr} must be > 0")
+    for part in ("actor", "critic"):
+        need(agent[part].num_layers >= 0 and agent[part].hidden_dim >= 1,
+             f"agent.{part}: num_layers must be >= 0 and hidden_dim >= 1 (got {agent[part].num_layers}, {agent[part].hidden_dim})")
+    need(0 < agent.builder.critic_tau <= 1 and 0 < agent.builder.encoder_tau <= 1,
+         "agent.builder.critic_tau and encoder_tau must be in (0, 1]")
+    need(0 <= agent.builder.discount <= 1, f"agent.builder.discount={agent.builder.discount} must be in [0, 1]")
+    need(agent.builder.init_temperature > 0, f"agent.builder.init_temperature={agent.builder.init_temperature} must be > 0")
+    need(agent.builder.actor_update_freq >= 1 and agent.builder.critic_target_update_freq >= 1,
+         "agent.builder.actor_update_freq and critic_target_update_freq must be >= 1")
+    if mt.should_use_task_encoder:
+        bad = [l for l in mt.task_encoder_cfg.losses_to_train if l not in TASK_ENCODER_LOSSES]
+        need(not bad, f"agent.multitask.task_encoder_cfg.losses_to_train has {bad}; choose from {', '.join(TASK_ENCODER_LOSSES)}")
+        need(mt.task_encoder_cfg.model_cfg.num_embeddings >= env.num_envs,
+             "agent.multitask.task_encoder_cfg.model_cfg.num_embeddings must be >= the number of tasks")
+    if mt.should_use_multi_head_policy:
+        need(mt.multi_head_policy_cfg.num_layers >= 0, "agent.multitask.multi_head_policy_cfg.num_layers must be >= 0")
+
+    need(rb.obs_dtype in OBS_DTYPES, f"replay_buffer.obs_dtype={rb.obs_dtype!r}; choose one of {', '.join(OBS_DTYPES)}")
+    need(rb.batch_size >= env.num_envs,
+         f"replay_buffer.batch_size={rb.batch_size} is smaller than the {env.num_envs} tasks: every task needs a share of each batch")
+    if mt.should_use_multi_head_policy:
+        need(rb.batch_size % env.num_envs == 0,
+             f"replay_buffer.batch_size={rb.batch_size} must be a multiple of the {env.num_envs} tasks with "
+             "agent.multitask.should_use_multi_head_policy=True (each head takes an equal share of rows)")
+    need(rb.capacity >= env.num_envs, f"replay_buffer.capacity={rb.capacity} must hold at least one transition per task")
+    return problems
+
+
+def validate(cfg) -> None:
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    resolve_device(cfg.setup.device)

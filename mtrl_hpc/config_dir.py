@@ -1,0 +1,23 @@
+"""Where the Hydra config tree (the repository's top-level config/) lives on this install."""
+
+import importlib.resources
+import pathlib
+
+
+def config_dir() -> str:
+    """Absolute path of the config tree, for editable and regular installs alike."""
+    # Regular installs ship config/ as the package mtrl_hpc.config; editable installs map it to the
+    # repository's config/, and a plain checkout on sys.path has it beside the package.
+    try:
+        path = pathlib.Path(str(importlib.resources.files("mtrl_hpc.config")))
+        if (path / "config.yaml").is_file():
+            return str(path)
+    except ModuleNotFoundError:
+        pass
+    path = pathlib.Path(__file__).resolve().parent.parent / "config"
+    if (path / "config.yaml").is_file():
+        return str(path)
+    raise FileNotFoundError(
+        "mtrl_hpc cannot find its config tree (config/config.yaml). Reinstall with "
+        "`pip install --no-build-isolation .` from the repository root."
+    )

@@ -1,0 +1,236 @@
+"""The training loop of one run: act -> step envs -> replay.add -> agent.update -> eval -> checkpoint.
+
+Steps count steps of the batched env: one step moves every task once (mtrl's convention), so a run of
+`num_train_steps` collects num_train_steps * num_tasks transitions. Episodes of all tasks share one clock
+and end together (truncation at env.max_episode_steps; truncation is never treated as termination).
+
+Order at an episode boundary (step % max_episode_steps == 0): log the finished episode, evaluate if
+step % eval_freq == 0, checkpoint if step % save.freq == 0 (or a stop was requested), then reset the envs.
+Evaluations at steps inside an episode run in place on a separate eval env. Checkpoints fall on episode
+boundaries (save.freq must be a multiple of the episode length), which is what makes resuming exact.
+"""
+
+import logging
+import random
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from mtrl_hpc import checkpoint
+from mtrl_hpc.agents import make_agent
+from mtrl_hpc.config_checks import OBS_DTYPES, resolve_device
+from mtrl_hpc.envs import make_env
+from mtrl_hpc.metrics import MetricsLog, ProgressBar, format_line
+from mtrl_hpc.preemption import StopRequest
+from mtrl_hpc.replay import ReplayBuffer
+
+log = logging.getLogger(__name__)
+
+# Keys a checkpoint must share with the run that resumes it.
+RESUME_KEYS = (
+    "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version", "agent.name",
+    "agent.actor", "agent.critic", "agent.encoder.type_to_select", "agent.multitask", "replay_buffer.capacity",
+    "replay_buffer.obs_dtype", "setup.seed",
+)
+
+
+class Experiment:
+    def __init__(self, cfg, run_dir, stop: StopRequest | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.stop = stop or StopRequest()
+        self.device = resolve_device(cfg.setup.device)
+        seed = int(cfg.setup.seed)
+        if cfg.setup.num_threads:
+            torch.set_num_threads(int(cfg.setup.num_threads))
+        random.seed(seed)
+        torch.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)  # random actions before init_steps
+
+        env_kwargs = dict(task_name=cfg.env.task_name, max_episode_steps=cfg.env.max_episode_steps,
+                          reward_function_version=cfg.env.reward_function_version, num_envs=cfg.env.num_envs)
+        self.env = make_env(cfg.env.name, seed=seed, mode="train", **env_kwargs)
+        self.eval_env = make_env(cfg.env.name, seed=seed, mode="eval", **env_kwargs)
+        self.num_tasks = self.env.num_tasks
+        self.task_names = list(self.env.task_names)
+        self.task_ids = torch.arange(self.num_tasks, device=self.device)
+
+        self.agent = make_agent(cfg.agent, self.env.obs_dim, self.env.action_dim, self.num_tasks, self.device)
+        self.replay = ReplayBuffer(self.num_tasks, cfg.replay_buffer.capacity // self.num_tasks, (self.env.obs_dim,),
+                                   (self.env.action_dim,), device=self.device, seed=seed,
+                                   obs_dtype=OBS_DTYPES[cfg.replay_buffer.obs_dtype])
+        self.step = 0
+        self.episode = 0
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self._resumed = self._maybe_resume()
+        metrics_path = run_dir / "metrics.h5"
+        keys = (list(cfg.metrics.train), list(cfg.metrics.eval))
+        if self._resumed:
+            self.metrics = MetricsLog.resume(metrics_path, self.task_names, *keys, last_step=self.step)
+        else:
+            self.metrics = MetricsLog(metrics_path, self.task_names, *keys)
+
+    # ---- checkpoints ----
+    def _state(self) -> dict:
+        return {
+            "agent": self.agent.training_state(),
+            "counters": {"step": self.step, "episode": self.episode},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "torch_cuda": torch.cuda.get_rng_state_all() if self.device.startswith("cuda") else [],
+                "numpy": _plain_bitgen_state(self.rng),
+                "python": _python_rng_state(),
+            },
+            "env": self.env.get_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        save = self.cfg.experiment.save
+        checkpoint.save(self.run_dir, self.step, self._state(), replay=self.replay if save.buffer.should_save else None,
+                        config_yaml=self.config_yaml, retain_last_n=save.model.retain_last_n)
+
+    def _maybe_resume(self) -> bool:
+        if not self.cfg.experiment.should_resume:
+            return False
+        path = checkpoint.find_latest_good(self.run_dir)
+        if path is None:
+            return False
+        saved_yaml = checkpoint.read_config(path)
+        checkpoint.check_compatible(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True),
+                                    OmegaConf.to_container(self.cfg, resolve=True), RESUME_KEYS)
+        replay = self.replay if self.cfg.experiment.save.buffer.should_save else None
+        state, _ = checkpoint.load(path, replay=replay)
+        self.agent.load_training_state(state["agent"])
+        self.step = int(state["counters"]["step"])
+        self.episode = int(state["counters"]["episode"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.startswith("cuda") and len(rng["torch_cuda"]):
+            torch.cuda.set_rng_state_all(list(rng["torch_cuda"]))
+        self.rng.bit_generator.state = _bitgen_state_from_plain(rng["numpy"])
+        random.setstate(_python_rng_from_plain(rng["python"]))
+        self.env.set_state(state["env"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ---- the loop ----
+    def run(self) -> str:
+        """Train until num_train_steps or a stop request. Returns "finished" or "stopped"."""
+        cfg = self.cfg.experiment
+        L = self.env.max_episode_steps
+        batch_size = self.cfg.replay_buffer.batch_size
+        progress = ProgressBar(total=cfg.num_train_steps, initial=self.step, enabled=self.cfg.logger.progress_bar)
+        obs = None
+        episode_reward = np.zeros(self.num_tasks)
+        episode_success = np.zeros(self.num_tasks)
+        update_sums, num_updates = {}, 0
+        episode_start = time.perf_counter()
+        # A resumed run restarts right after the boundary work of its checkpoint's step.
+        boundary_done = self._resumed
+        if self.step >= cfg.num_train_steps and self._resumed:
+            return "finished"
+        try:
+            while True:
+                step = self.step
+                if (step % L == 0 or step >= cfg.num_train_steps) and not boundary_done:
+                    if obs is not None:
+                        self._log_train(step, episode_reward, episode_success, update_sums, num_updates,
+                                        time.perf_counter() - episode_start)
+                        update_sums, num_updates = {}, 0
+                    if step % cfg.eval_freq == 0:
+                        self.evaluate()
+                    if step >= cfg.num_train_steps:
+                        self.save_checkpoint()
+                        return "finished"
+                    if (cfg.save.freq and step % cfg.save.freq == 0 and step > 0) or self.stop.requested:
+                        self.save_checkpoint()
+                    if self.stop.requested:
+                        log.warning("stop requested (%s): checkpoint written at step %d", self.stop.reason, step)
+                        return "stopped"
+                boundary_done = False
+                if step % L == 0:
+                    obs = self.env.reset()
+                    self.episode += 1
+                    episode_reward[:] = 0
+                    episode_success[:] = 0
+                    episode_start = time.perf_counter()
+                elif step % cfg.eval_freq == 0:
+                    self.evaluate()
+
+                if step < cfg.init_steps:
+                    action = self.rng.uniform(-1.0, 1.0, size=(self.num_tasks, self.env.action_dim)).astype(np.float32)
+                else:
+                    obs_t = torch.as_tensor(obs, device=self.device)
+                    action = self.agent.act(obs_t, self.task_ids, sample=True).cpu().numpy()
+                result = self.env.step(action)
+                self.replay.add(obs, action, result.reward, result.obs, result.terminated, self.task_ids)
+                episode_reward += result.reward
+                np.maximum(episode_success, result.success, out=episode_success)
+                obs = result.obs
+
+                if step >= cfg.init_steps:
+                    for _ in range(cfg.num_updates_per_step):
+                        metrics = self.agent.update(self.replay.sample(batch_size), step)
+                        for k, v in metrics.items():
+                            update_sums[k] = update_sums[k] + v if k in update_sums else v.clone()
+                        num_updates += 1
+                self.step = step + 1
+                progress.update(1)
+        finally:
+            progress.close()
+            self.metrics.flush()
+
+    def evaluate(self) -> None:
+        def act(obs: np.ndarray) -> np.ndarray:
+            return self.agent.act(torch.as_tensor(obs, device=self.device), self.task_ids, sample=False).cpu().numpy()
+
+        result = self.eval_env.evaluate(act, self.cfg.experiment.num_eval_episodes)
+        per_task = {"success_env_index_": result.success_rate, "episode_reward_env_index_": result.mean_episode_reward}
+        scalars = {"episode": self.episode, "step": self.step, "success": float(result.success_rate.mean()),
+                   "episode_reward": float(result.mean_episode_reward.mean())}
+        self.metrics.log("eval", self.step, scalars, per_task)
+        print(format_line("eval", scalars), flush=True)
+        print("  success per task: " + ", ".join(f"{n}={s:.2f}" for n, s in zip(self.task_names, result.success_rate)),
+              flush=True)
+
+    def _log_train(self, step, episode_reward, episode_success, update_sums, num_updates, duration) -> None:
+        scalars = {"episode": self.episode, "step": step, "duration": duration,
+                   "episode_reward": float(episode_reward.mean()), "success": float(episode_success.mean())}
+        per_task = {"episode_reward_env_index_": episode_reward.copy(), "success_env_index_": episode_success.copy()}
+        for k, v in update_sums.items():
+            mean = (v / num_updates).cpu().numpy()  # the one device read per episode
+            if k.endswith("_"):
+                per_task[k] = mean
+            else:
+                scalars[k] = float(mean)
+        self.metrics.log("train", step, scalars, per_task)
+        if self.cfg.logger.should_print_train:
+            print(format_line("train", scalars), flush=True)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.env.close()
+        self.eval_env.close()
+
+
+def _plain_bitgen_state(rng: np.random.Generator) -> dict:
+    s = rng.bit_generator.state
+    return {"bit_generator": s["bit_generator"], "state": str(s["state"]["state"]), "inc": str(s["state"]["inc"]),
+            "has_uint32": int(s["has_uint32"]), "uinteger": int(s["uinteger"])}
+
+
+def _bitgen_state_from_plain(p: dict) -> dict:
+    return {"bit_generator": str(p["bit_generator"]), "state": {"state": int(p["state"]), "inc": int(p["inc"])},
+            "has_uint32": int(p["has_uint32"]), "uinteger": int(p["uinteger"])}
+
+
+def _python_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": np.asarray(internal, dtype=np.int64), "gauss": "" if gauss is None else repr(gauss)}
+
+
+def _python_rng_from_plain(p: dict):
+    gauss = None if p["gauss"] == "" else float(p["gauss"])
+    return (int(p["version"]), tuple(int(x) for x in np.asarray(p["internal"])), gauss)

@@ -1,0 +1,57 @@
+"""`python -m mtrl_hpc.main [-m] [group=option ...] [key=value ...]`: one training run per Hydra job."""
+
+import logging
+import pathlib
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mtrl_hpc.config_dir import config_dir
+
+log = logging.getLogger("mtrl_hpc")
+
+# Exit status of a run that stopped on a scheduler's signal after writing its checkpoint.
+EXIT_STOPPED = 3
+
+
+def run(cfg: DictConfig, run_dir: pathlib.Path) -> str:
+    """Validate, build and train; returns "finished" or "stopped". Raises ConfigError/CheckpointError."""
+    from mtrl_hpc.config_checks import validate
+    from mtrl_hpc.experiment import Experiment
+    from mtrl_hpc.preemption import StopRequest
+
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop = StopRequest().install()
+    experiment = Experiment(cfg, run_dir, stop)
+    try:
+        outcome = experiment.run()
+    finally:
+        experiment.close()
+    if outcome == "stopped":
+        stop.after_stop()
+    else:
+        stop.uninstall()
+    return outcome
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from mtrl_hpc.checkpoint import CheckpointError
+    from mtrl_hpc.config_checks import ConfigError
+
+    run_dir = pathlib.Path(cfg.setup.save_dir or HydraConfig.get().runtime.output_dir)
+    try:
+        outcome = run(cfg, run_dir)
+    except (ConfigError, CheckpointError) as error:
+        print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if outcome == "stopped":
+        sys.exit(EXIT_STOPPED)
+    log.info("run finished: %s", run_dir)
+
+
+if __name__ == "__main__":
+    main()

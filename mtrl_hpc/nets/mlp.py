@@ -1,0 +1,88 @@
+"""The one MLP every actor and critic is built from.
+
+A `StackedMLP` holds `members` independent copies of the same MLP (1 for an actor, 2 for twin critics) as
+stacked weights, so all copies run in one batched matmul per layer. With per-task heads (MT-MH-SAC), the
+last layers are stacked once more per task: rows must arrive grouped by task in equal shares (the replay
+buffer samples that way; acting and evaluation give one row per task), so each head multiplies only its own
+task's rows: [members * tasks, rows_per_task, features] @ [members * tasks, features, out]. mtrl instead ran
+every head on every row and masked the result, discarding (tasks - 1) / tasks of the head compute.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+class StackedLinear(nn.Module):
+    """`stacks` independent linear layers applied to inputs shaped [stacks, rows, in_features]."""
+
+    def __init__(self, stacks: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(stacks, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(stacks, 1, out_features))
+        for matrix in self.weight.data:
+            # Orthogonal init as in mtrl (nn.init.orthogonal_ on the [out, in] weight).
+            nn.init.orthogonal_(matrix.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def extra_repr(self) -> str:
+        stacks, fan_in, fan_out = self.weight.shape
+        return f"stacks={stacks}, in_features={fan_in}, out_features={fan_out}"
+
+
+def _layer_sizes(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> list[tuple[int, int]]:
+    """mtrl's build_mlp shapes: num_layers hidden layers of hidden_dim, then the output layer."""
+    if num_layers == 0:
+        return [(in_dim, out_dim)]
+    return [(in_dim, hidden_dim)] + [(hidden_dim, hidden_dim)] * (num_layers - 1) + [(hidden_dim, out_dim)]
+
+
+class StackedMLP(nn.Module):
+    """`members` copies of an MLP, optionally ending in per-task heads.
+
+    Without heads: `num_layers` hidden layers, then the output layer (mtrl's build_mlp).
+    With heads (`head_layers` not None): a shared trunk of `num_layers` hidden layers ending in `hidden_dim`
+    features, a ReLU, then per task an MLP of `head_layers` hidden layers to `out_dim` (mtrl's multi-head
+    policy: trunk -> ReLU -> per-task FeedForward).
+    """
+
+    def __init__(self, members: int, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int,
+                 num_tasks: int = 1, head_layers: int | None = None):
+        super().__init__()
+        self.members = members
+        self.num_tasks = num_tasks
+        self.multi_head = head_layers is not None
+        trunk_out = hidden_dim if self.multi_head else out_dim
+        self.trunk = nn.ModuleList(StackedLinear(members, i, o) for i, o in _layer_sizes(in_dim, hidden_dim, trunk_out, num_layers))
+        heads = _layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
+        self.heads = nn.ModuleList(StackedLinear(members * num_tasks, i, o) for i, o in heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [rows, in] (the same input for every member) or [members, rows, in] -> [members, rows, out]."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.members, -1, -1)
+        for i, layer in enumerate(self.trunk):
+            x = layer(x)
+            if i < len(self.trunk) - 1 or self.multi_head:
+                x = torch.relu(x)
+        if not self.multi_head:
+            return x
+        members, rows, features = x.shape
+        if rows % self.num_tasks != 0:
+            raise ValueError(
+                f"multi-head networks need rows grouped by task in equal shares: got {rows} rows for "
+                f"{self.num_tasks} tasks (make replay_buffer.batch_size a multiple of the number of tasks)"
+            )
+        x = x.reshape(members * self.num_tasks, rows // self.num_tasks, features)
+        for i, layer in enumerate(self.heads):
+            x = layer(x)
+            if i < len(self.heads) - 1:
+                x = torch.relu(x)
+        return x.reshape(members, rows, -1)
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -1,0 +1,119 @@
+"""Every config composes, and bad values are rejected with one clear line before anything is built."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mtrl_hpc.config_checks import ConfigError, check_config, validate
+from mtrl_hpc.config_dir import config_dir
+
+CONFIG = pathlib.Path(config_dir())
+ENVS = sorted(p.stem for p in (CONFIG / "env").glob("*.yaml"))
+AGENTS = sorted(p.stem for p in (CONFIG / "agent").glob("*.yaml"))
+SETUPS = sorted(p.stem for p in (CONFIG / "setup").glob("*.yaml"))
+
+# The MetaWorld commands of mtrl's docs, with `python -m mtrl_hpc.main` in front.
+MTRL_DOC_COMMANDS = {
+    "mt_sac": "setup=metaworld agent=state_sac env=metaworld-mt10 agent.multitask.num_envs=10 "
+              "agent.multitask.should_use_disentangled_alpha=True",
+    "mt_mh_sac": "setup=metaworld agent=state_sac env=metaworld-mt10 agent.multitask.num_envs=10 "
+                 "agent.multitask.should_use_disentangled_alpha=True agent.multitask.should_use_multi_head_policy=True",
+    "mt_mh_sac_2m": "setup=metaworld env=metaworld-mt10 agent=state_sac agent.multitask.num_envs=10 "
+                    "agent.multitask.should_use_disentangled_alpha=True agent.multitask.should_use_multi_head_policy=True "
+                    "experiment.num_train_steps=2000000 setup.seed=1 replay_buffer.batch_size=1280",
+    "baseline_mt_sac": "setup=metaworld env=metaworld-mt10 agent=state_sac experiment.num_eval_episodes=1 "
+                       "experiment.num_train_steps=2000000 setup.seed=1 replay_buffer.batch_size=1280 "
+                       "agent.multitask.num_envs=10 agent.multitask.should_use_disentangled_alpha=True "
+                       "agent.encoder.type_to_select=identity agent.multitask.should_use_multi_head_policy=False "
+                       "agent.multitask.actor_cfg.should_condition_model_on_task_info=False "
+                       "agent.multitask.actor_cfg.should_condition_encoder_on_task_info=True "
+                       "agent.multitask.actor_cfg.should_concatenate_task_info_with_encoder=True",
+    "baseline_mt_mh_sac": "setup=metaworld env=metaworld-mt10 agent=state_sac experiment.num_eval_episodes=1 "
+                          "experiment.num_train_steps=2000000 setup.seed=1 replay_buffer.batch_size=1280 "
+                          "agent.multitask.num_envs=10 agent.multitask.should_use_disentangled_alpha=True "
+                          "agent.encoder.type_to_select=identity agent.multitask.should_use_multi_head_policy=True "
+                          "agent.multitask.actor_cfg.should_condition_model_on_task_info=False "
+                          "agent.multitask.actor_cfg.should_condition_encoder_on_task_info=False "
+                          "agent.multitask.actor_cfg.should_concatenate_task_info_with_encoder=False",
+}
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("agent", AGENTS)
+@pytest.mark.parametrize("env", ENVS)
+def test_every_config_composes_and_validates(setup, agent, env):
+    cfg = make_cfg(f"setup={setup}", f"agent={agent}", f"env={env}")
+    assert check_config(cfg) == []
+    assert cfg.agent.multitask.num_envs == cfg.env.num_envs
+
+
+@pytest.mark.parametrize("name", sorted(MTRL_DOC_COMMANDS))
+def test_mtrl_doc_commands_compose(name):
+    cfg = make_cfg(*MTRL_DOC_COMMANDS[name].split())
+    assert check_config(cfg) == []
+    assert cfg.env.name == "metaworld-mt10"
+
+
+def test_defaults_follow_mtrl():
+    cfg = make_cfg()
+    assert cfg.env.name == "metaworld-mt10" and cfg.setup.device == "auto"
+    assert (cfg.agent.actor.num_layers, cfg.agent.actor.hidden_dim) == (3, 400)
+    assert cfg.agent.optimizers.actor.lr == 3e-4 and cfg.agent.builder.critic_tau == 0.005
+    assert cfg.agent.builder.init_temperature == 1.0
+    assert cfg.experiment.save.freq == cfg.experiment.eval_freq
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["agent.multitask.num_envs=5"], "agent.multitask.num_envs=5 but env=metaworld-mt10 has 10 tasks"),
+    (["replay_buffer.batch_size=4"], "replay_buffer.batch_size=4 is smaller than the 10 tasks"),
+    (["experiment.num_train_steps=-1"], "experiment.num_train_steps=-1 must be an integer >= 0"),
+    (["experiment.eval_freq=0"], "experiment.eval_freq=0 must be an integer > 0"),
+    (["experiment.save.freq=750"], "must be a multiple of env.max_episode_steps=500"),
+    (["agent.encoder.type_to_select=moe"], "agent.encoder.type_to_select='moe' is not available; choose one of identity, feedforward"),
+    (["agent.multitask.should_use_multi_head_policy=True", "replay_buffer.batch_size=1285"], "must be a multiple of the 10 tasks"),
+    (["replay_buffer.obs_dtype=int8"], "replay_buffer.obs_dtype='int8'"),
+    (["agent.optimizers.actor._target_=os.system"], "agent.optimizers.actor._target_='os.system' is not available"),
+])
+def test_bad_values_are_named(overrides, needle):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert needle in str(info.value)
+
+
+def test_cuda_device_without_gpu_is_a_config_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: setup.device=cuda is valid here")
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        validate(make_cfg("setup.device=cuda"))
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "mtrl_hpc.main", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("group, bad, valid", [("agent", "nope", "state_sac"), ("env", "metaworld-mt11", "metaworld-mt50"),
+                                               ("setup", "dmc", "metaworld")])
+def test_cli_unknown_group_option_lists_valid_ones(group, bad, valid):
+    out = _cli(f"{group}={bad}")
+    assert out.returncode != 0
+    assert f"Could not find '{group}/{bad}'" in out.stderr and valid in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_bad_value_is_one_clear_message_before_any_env_is_built(tmp_path):
+    out = _cli("agent.multitask.num_envs=3", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    assert "agent.multitask.num_envs=3 but env=metaworld-mt10 has 10 tasks" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "metrics.h5").exists()
