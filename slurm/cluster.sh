@@ -236,17 +236,25 @@ cmd_start() {
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
-stop_daemon() {
-    local name=$1 pid deadline
-    pid=$(live_pid "$name") || { rm -f "$(pidfile "$name")"; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
+# TERM the given daemons together, wait for them (20 s), KILL what is left. Only pids from our pid files.
+stop_daemons() {
+    local name pid deadline pids=()
+    for name in "$@"; do
+        if pid=$(live_pid "$name"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$name:$pid")
+        fi
+        rm -f "$(pidfile "$name")"
+    done
     deadline=$((SECONDS + 20))
-    while [[ -d /proc/$pid ]] && ((SECONDS < deadline)); do sleep 0.2; done
-    if [[ -d /proc/$pid ]]; then
-        log "$name ($pid) did not stop on TERM; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$(pidfile "$name")"
+    for name in "${pids[@]}"; do
+        pid=${name#*:}
+        while [[ -d /proc/$pid ]] && ((SECONDS < deadline)); do sleep 0.1; done
+        if [[ -d /proc/$pid ]]; then
+            log "${name%%:*} ($pid) did not stop on TERM; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
 }
 
 cmd_stop() {
@@ -256,8 +264,10 @@ cmd_stop() {
         local deadline=$((SECONDS + 15))
         while [[ -n $(squeue -h -t R,CG,S -o %i 2>/dev/null) ]] && ((SECONDS < deadline)); do sleep 0.2; done
     fi
-    local i
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[i]}"; done
+    # reverse start order; the controller flushes to slurmdbd, which needs MariaDB and munge
+    stop_daemons slurmd slurmctld
+    stop_daemons slurmdbd
+    stop_daemons mariadbd munged
     rm -f "$MUNGE_DIR/munged.pid"
     log "stopped (state dir $STATE_DIR kept)"
 }

@@ -1,0 +1,161 @@
+"""Real SLURM jobs through submitit on the one-node test cluster (slurm/cluster.sh).
+
+What the training jobs rely on: results come back, a requeued job restarts and resumes from the state it
+saved, a job whose time limit is shorter than its work gets the signal, checkpoints, is requeued and
+finishes, and a cancelled job is reported as failed instead of hanging. Each test uses a fresh submitit
+folder (job ids restart at 1 when the cluster state dir is wiped). About 2 minutes in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_fixtures import make_slurm_cluster_fixture, wait_until  # noqa: E402
+
+pytestmark = pytest.mark.slurm
+
+# Also registered in conftest.py if the project does so; a module-level definition wins for this module.
+slurm_cluster = make_slurm_cluster_fixture()
+
+# Jobs unpickle this module's functions on the compute node, where tests/ is not importable.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ---------------------------------------------------------------- job functions (run on the node)
+
+
+def add(a, b):
+    return {"sum": a + b, "job_id": os.environ.get("SLURM_JOB_ID"), "host": os.uname().nodename}
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return "not cancelled"
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+class Counter(submitit.helpers.Checkpointable):
+    """Counts to n, one step every step_s seconds, saving progress to `path` after each step.
+
+    Every (re)start records how far the saved state had got, so the test can see that it resumed.
+    Checkpointable.checkpoint resubmits the same arguments; the state itself lives in the file.
+    """
+
+    def __call__(self, path, n, step_s):
+        state = {"done": 0, "starts": []}
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+        state["starts"].append({"done": state["done"], "job_id": os.environ.get("SLURM_JOB_ID")})
+        _write_json(path, state)
+        while state["done"] < n:
+            time.sleep(step_s)  # the unit of work
+            state["done"] += 1
+            _write_json(path, state)
+        return state
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _executor(tmp_path: Path, **params) -> submitit.AutoExecutor:
+    max_num_timeout = params.pop("max_num_timeout", 0)
+    ex = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm", slurm_max_num_timeout=max_num_timeout)
+    ex.update_parameters(**{"timeout_min": 5, "cpus_per_task": 1, "slurm_partition": "debug", **params})
+    return ex
+
+
+def _read_state(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _done_within(job: submitit.Job, timeout: float, what: str) -> None:
+    wait_until(lambda: job.done(force_check=True), timeout, what, interval=0.5)
+
+
+def _sacct_states(cluster, job_id: str) -> list:
+    """All recorded states of a job's allocations, requeued runs included (sacct -D)."""
+    out = cluster.run("sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State")
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _ended(cluster, job_id: str):
+    """The job's sacct states once its last run has ended, else None."""
+    states = _sacct_states(cluster, job_id)
+    return states if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING") else None
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_function_job_returns_its_value(slurm_cluster, tmp_path):
+    job = _executor(tmp_path).submit(add, 2, 3)
+    _done_within(job, 60, f"job {job.job_id} to finish")
+    out = job.result()
+    assert out["sum"] == 5
+    assert out["job_id"] == job.job_id
+    assert wait_until(lambda: _ended(slurm_cluster, job.job_id), 30, "sacct to record the end") == ["COMPLETED"]
+
+
+def test_requeued_checkpointable_job_resumes_from_saved_state(slurm_cluster, tmp_path):
+    state_file = tmp_path / "counter.json"
+    job = _executor(tmp_path).submit(Counter(), str(state_file), 30, 0.3)
+    wait_until(lambda: (_read_state(state_file) or {"done": 0})["done"] >= 5, 60, "the job to make progress")
+    slurm_cluster.run("scontrol", "requeue", job.job_id)
+    _done_within(job, 120, f"requeued job {job.job_id} to finish")
+    state = job.result()
+    assert state["done"] == 30
+    assert len(state["starts"]) == 2, state
+    assert state["starts"][0]["done"] == 0
+    assert state["starts"][1]["done"] >= 5, "the requeued run started from scratch instead of the saved state"
+    assert {s["job_id"] for s in state["starts"]} == {job.job_id}
+    # the result file appears a moment before slurmctld records the end of the job
+    states = wait_until(lambda: _ended(slurm_cluster, job.job_id), 30, "sacct to record the end")
+    assert states[:-1] == ["REQUEUED"] and states[-1] == "COMPLETED", states
+
+
+def test_time_limit_signals_checkpoints_requeues_and_completes(slurm_cluster, tmp_path):
+    # 40 s of work under a 1 min limit whose signal is due 55 s before the end (slurmctld sends it on its
+    # next periodic check, 5-35 s into the run): the first run is always cut short.
+    state_file = tmp_path / "counter.json"
+    ex = _executor(tmp_path, timeout_min=1, slurm_signal_delay_s=55, max_num_timeout=3)
+    job = ex.submit(Counter(), str(state_file), 80, 0.5)
+    _done_within(job, 200, f"job {job.job_id} to finish through its time limits")
+    state = job.result()
+    assert state["done"] == 80
+    assert len(state["starts"]) >= 2, state
+    assert all(later["done"] > 0 for later in state["starts"][1:]), state
+    log = Path(str(job.paths.stderr)).read_text()
+    assert "this job is timed-out" in log, log[-2000:]
+    states = wait_until(lambda: _ended(slurm_cluster, job.job_id), 30, "sacct to record the end")
+    assert states[-1] == "COMPLETED" and "REQUEUED" in states, states
+
+
+def test_cancelled_job_is_reported_as_failed(slurm_cluster, tmp_path):
+    job = _executor(tmp_path).submit(sleep_for, 600)
+    wait_until(lambda: job.watcher.get_state(job.job_id, mode="force") == "RUNNING", 60, "the job to start")
+    job.cancel(check=True)
+    _done_within(job, 60, f"cancelled job {job.job_id} to be seen as done")
+    t0 = time.monotonic()
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+        job.result()
+    # submitit gives a missing result file _results_timeout_s (15 s) to appear on shared file systems
+    assert time.monotonic() - t0 < job._results_timeout_s + 10
