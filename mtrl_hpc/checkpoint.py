@@ -1,0 +1,708 @@
+"""HDF5 checkpoints: write atomically, verify, rotate, find the latest good one, restore.
+
+Layout of a run directory::
+
+    <run_dir>/checkpoints/step_<step:012d>.h5         one per checkpoint: state tree, config, replay header
+    <run_dir>/checkpoints/replay/seg_<step>_<id>.h5    replay segments (rows written between two checkpoints)
+
+A checkpoint file holds, at its root, the attributes ``format`` ("mtrl_hpc.checkpoint"), ``format_version``,
+``step``, ``created_utc``, ``version_<lib>`` (python, torch, numpy, h5py, hdf5, mtrl_hpc, metaworld) and
+``sha256``: a checksum over every object, attribute and byte in the file except itself (see
+``mtrl_hpc.hdf5_tree``). ``/state`` is the state tree, ``/config`` the resolved config as a YAML string,
+``/replay`` (optional) the replay buffer's small state and the chain of segments holding its rows.
+
+Every file is written to a hidden temporary name in the same directory, flushed, fsynced, chmod 0o644,
+renamed over its final name, and the directory is fsynced. Files are never modified after the rename, so a
+crash (or kill -9) at any moment leaves every earlier checkpoint intact.
+
+Replay buffer rows are stored incrementally as a chain of immutable segment files. A segment holds the rows
+each task wrote since the previous checkpoint (found from the buffer's per-task monotonic add counters) plus
+the name of its parent; a ``base`` segment holds every filled row. A checkpoint lists its whole chain (base
+first) with each segment's checksum. A new base is written when the delta rows of the chain would exceed the
+buffer size, so a chain never holds more than twice the buffer. Rotation deletes a segment only when no
+retained checkpoint lists it. Restoring applies the chain in order and reproduces ``state_dict()`` exactly.
+
+``retain_last_n``: the number of checkpoints kept. ``-1`` keeps all. ``n >= 1`` keeps the ``n`` newest after
+each successful write. ``0`` keeps no checkpoint after the run: while the run is in progress the newest one is
+kept (exactly as with 1, so a preempted or requeued job can resume), and ``finish_run(run_dir, 0)``, called
+by the training loop when the run has completed, deletes all of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import re
+import secrets
+import sys
+import warnings
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from mtrl_hpc import hdf5_tree
+from mtrl_hpc.hdf5_tree import Digest, TreeError, read_tree, write_tree
+
+FORMAT = "mtrl_hpc.checkpoint"
+SEGMENT_FORMAT = "mtrl_hpc.replay_segment"
+FORMAT_VERSION = 1
+CHECKSUM_ATTR = "sha256"
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+_STEP_RE = re.compile(r"^step_(\d{12})\.h5$")
+_SEG_RE = re.compile(r"^seg_(\d{12})_[0-9a-f]{8}\.h5$")
+_TMP_PREFIX = ".tmp-"
+
+# Names under which a replay buffer's state_dict may hold its per-task counters (last path component).
+ADDED_KEYS = ("total_added", "num_added", "added", "add_count", "add_counts", "adds", "total_adds")
+CURSOR_KEYS = ("cursor", "cursors", "pos", "position", "positions", "ptr", "idx", "index", "head", "heads")
+FILL_KEYS = ("size", "sizes", "fill", "fills", "filled", "num_filled", "count", "counts", "fill_count", "fill_counts")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written, verified or restored; the message says which file and what to do."""
+
+
+# ============================================================================================ public API
+
+
+def checkpoint_dir(run_dir) -> pathlib.Path:
+    return pathlib.Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir, step: int) -> pathlib.Path:
+    return checkpoint_dir(run_dir) / f"step_{int(step):012d}.h5"
+
+
+def save(run_dir, step: int, state: dict, replay=None, config_yaml: str = "", retain_last_n: int = 1) -> pathlib.Path:
+    """Writes ``<run_dir>/checkpoints/step_<step>.h5`` atomically, then rotates; returns its path.
+
+    ``state`` is a state tree (see ``mtrl_hpc.hdf5_tree``): e.g. networks' and optimizers' ``state_dict()``,
+    ``log_alpha``, RNG states, counters. ``replay`` (optional) is stored incrementally (see module doc).
+    """
+    if not isinstance(step, (int, np.integer)) or step < 0:
+        raise CheckpointError(f"step must be a non-negative int, got {step!r}")
+    if not isinstance(retain_last_n, int) or retain_last_n < -1:
+        raise CheckpointError(f"retain_last_n must be -1 (keep all), 0 or a positive int, got {retain_last_n!r}")
+    step = int(step)
+    ckdir = checkpoint_dir(run_dir)
+    _makedirs(ckdir)
+    final = checkpoint_path(run_dir, step)
+
+    replay_header = None
+    if replay is not None:
+        replay_header = _save_replay(ckdir, step, replay)
+
+    def body(f: h5py.File, digest: Digest):
+        f.attrs["step"] = step
+        grp = f.create_group("state", track_order=True)
+        try:
+            write_tree(grp, state, digest, "/state")
+        except TreeError as e:
+            raise CheckpointError(f"cannot store the state for step {step}: {e}") from None
+        digest.add("/state", grp, [])
+        ds = f.create_dataset("config", data=np.array(config_yaml or "", dtype=h5py.string_dtype("utf-8")))
+        digest.add("/config", ds, [hdf5_tree.data_chunk(np.array([config_yaml or ""], dtype=object))])
+        if replay_header is not None:
+            rgrp = f.create_group("replay", track_order=True)
+            write_tree(rgrp, replay_header, digest, "/replay")
+            digest.add("/replay", rgrp, [])
+
+    _write_atomic(final, FORMAT, body)
+    if replay is not None:
+        _remember_chain(replay, ckdir, replay_header)
+    _rotate(ckdir, step, retain_last_n)
+    return final
+
+
+def find_latest_good(run_dir) -> pathlib.Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies, or None; warns about each newer one that does not.
+
+    Leftover temporary files of interrupted writes are deleted.
+    """
+    ckdir = checkpoint_dir(run_dir)
+    if not ckdir.is_dir():
+        return None
+    _remove_temp_files(ckdir)
+    _remove_temp_files(ckdir / "replay")
+    for step, path in sorted(_list_checkpoints(ckdir), reverse=True):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint {path}: {e}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def verify(path) -> None:
+    """Recomputes the checksums of a checkpoint and of every replay segment it needs; raises CheckpointError."""
+    path = pathlib.Path(path)
+    with _open(path, FORMAT) as f:
+        _check_digest(f, path)
+        replay = _read_replay_header(f, path)
+    if replay is not None:
+        for name, sha in zip(replay["chain"], replay["chain_sha256"]):
+            _verify_segment(path.parent / "replay" / name, sha, path)
+    _VERIFIED[_identity(path)] = True
+
+
+def load(path, replay=None) -> tuple[dict, str]:
+    """Verifies and reads a checkpoint: returns (state tree with CPU torch tensors, config YAML string).
+
+    With ``replay`` given, its contents are restored in place (``replay.load_state_dict``) from the
+    checkpoint's segment chain; a later ``save`` with the same buffer continues that chain.
+    """
+    path = pathlib.Path(path)
+    if not _VERIFIED.get(_identity(path)):
+        verify(path)
+    with _open(path, FORMAT) as f:
+        try:
+            state = read_tree(f["state"])
+            config = f["config"][()]
+        except (KeyError, TreeError) as e:
+            raise CheckpointError(f"{path} is not a complete mtrl_hpc checkpoint ({e}); delete it") from None
+        header = _read_replay_header(f, path)
+    config = config.decode("utf-8") if isinstance(config, bytes) else str(config)
+    if replay is not None:
+        if header is None:
+            raise CheckpointError(
+                f"{path} holds no replay buffer but one was passed to load(); pass replay=None, or resume from a "
+                "checkpoint written with the replay buffer"
+            )
+        _load_replay(path, header, replay)
+    return state, config
+
+
+def check_compatible(saved_config: Mapping, current_config: Mapping, keys) -> None:
+    """Raises CheckpointError naming every dotted key in ``keys`` whose value differs between the configs."""
+    missing = object()
+
+    def get(cfg, dotted):
+        node = cfg
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return missing
+            node = node[part]
+        return node
+
+    diffs = []
+    for key in keys:
+        a, b = get(saved_config, key), get(current_config, key)
+        if a is missing and b is missing:
+            continue
+        if a is missing or b is missing or _plain(a) != _plain(b):
+            show = lambda v: "<missing>" if v is missing else _plain(v)  # noqa: E731
+            diffs.append(f"{key}: checkpoint has {show(a)}, this run has {show(b)}")
+    if diffs:
+        raise CheckpointError(
+            "the checkpoint was written by a run with a different configuration: "
+            + "; ".join(diffs)
+            + "; start a new run directory or set experiment.should_resume=False"
+        )
+
+
+def finish_run(run_dir, retain_last_n: int) -> None:
+    """Call when the run has completed: with ``retain_last_n == 0`` deletes every checkpoint and segment."""
+    if retain_last_n != 0:
+        return
+    ckdir = checkpoint_dir(run_dir)
+    if not ckdir.is_dir():
+        return
+    for _, path in _list_checkpoints(ckdir):
+        path.unlink(missing_ok=True)
+    segdir = ckdir / "replay"
+    if segdir.is_dir():
+        for p in segdir.iterdir():
+            if _SEG_RE.match(p.name) or p.name.startswith(_TMP_PREFIX):
+                p.unlink(missing_ok=True)
+    _fsync_dir(ckdir)
+
+
+# ============================================================================================ files
+
+
+def _makedirs(path: pathlib.Path) -> None:
+    for p in reversed([path, *path.parents]):
+        if not p.exists():
+            try:
+                p.mkdir()
+            except FileExistsError:
+                continue
+            os.chmod(p, DIR_MODE)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(final: pathlib.Path, fmt: str, body) -> str:
+    """Writes an HDF5 file via ``body(file, digest)`` to a temp name, seals it with its checksum, renames it."""
+    tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}"
+    try:
+        try:
+            with h5py.File(tmp, "w", track_order=True) as f:
+                digest = Digest(skip_attrs=(CHECKSUM_ATTR,))
+                f.attrs["format"] = fmt
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                for lib, version in _versions().items():
+                    f.attrs[f"version_{lib}"] = str(version)
+                body(f, digest)
+                digest.add("/", f, [])
+                sha = digest.hexdigest()
+                f.attrs[CHECKSUM_ATTR] = sha
+        except OSError as e:
+            raise CheckpointError(f"cannot write {final} ({e}); check free space and permissions of {final.parent}") from None
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, final)
+        tmp = None
+        _fsync_dir(final.parent)
+        return sha
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _versions() -> dict[str, str]:
+    import mtrl_hpc
+
+    out = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "mtrl_hpc": getattr(mtrl_hpc, "__version__", "unknown"),
+    }
+    try:
+        from importlib.metadata import version
+
+        out["metaworld"] = version("metaworld")
+    except Exception:  # not installed: recorded as absent
+        out["metaworld"] = "not installed"
+    return out
+
+
+class _open:
+    """Opens a file of a given format read-only; every h5py/OS failure becomes a CheckpointError."""
+
+    def __init__(self, path: pathlib.Path, fmt: str):
+        self.path, self.fmt = path, fmt
+
+    def __enter__(self) -> h5py.File:
+        path = self.path
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist")
+        try:
+            self.f = h5py.File(path, "r")
+        except OSError as e:
+            size = path.stat().st_size
+            raise CheckpointError(
+                f"{path} ({size} bytes) cannot be opened as HDF5: it is truncated, corrupted or not an HDF5 file "
+                f"({_short(e)}); delete it, an earlier checkpoint will be used"
+            ) from None
+        fmt = self.f.attrs.get("format")
+        if fmt != self.fmt:
+            self.f.close()
+            raise CheckpointError(
+                f"{path} is an HDF5 file but not a {self.fmt} file (its 'format' attribute is {fmt!r}); "
+                "move it out of the checkpoints directory"
+            )
+        version = self.f.attrs.get("format_version")
+        if version is None or int(version) > FORMAT_VERSION:
+            self.f.close()
+            raise CheckpointError(
+                f"{path} has format_version {version!r}; this mtrl_hpc reads up to {FORMAT_VERSION}: upgrade mtrl_hpc"
+            )
+        return self.f
+
+    def __exit__(self, *exc):
+        self.f.close()
+        if exc[0] is not None and issubclass(exc[0], (OSError, KeyError, RuntimeError, ValueError)) and not issubclass(
+            exc[0], CheckpointError
+        ):
+            raise CheckpointError(
+                f"{self.path} is damaged: reading it failed ({_short(exc[1])}); delete it, an earlier checkpoint "
+                "will be used"
+            ) from None
+        return False
+
+
+def _short(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _check_digest(f: h5py.File, path: pathlib.Path) -> str:
+    stored = f.attrs.get(CHECKSUM_ATTR)
+    if stored is None:
+        raise CheckpointError(f"{path} has no checksum: it was not completely written; delete it")
+    actual = hdf5_tree.tree_digest(f, skip_attrs=(CHECKSUM_ATTR,))
+    if actual != stored:
+        raise CheckpointError(
+            f"{path} fails its checksum (stored {stored[:12]}..., contents hash to {actual[:12]}...): the file was "
+            "modified or damaged after it was written; delete it, an earlier checkpoint will be used"
+        )
+    return stored
+
+
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def _identity(path: pathlib.Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path),)
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _list_checkpoints(ckdir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    return [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _STEP_RE.match(p.name))]
+
+
+def _remove_temp_files(directory: pathlib.Path) -> None:
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith(_TMP_PREFIX):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def _rotate(ckdir: pathlib.Path, step: int, retain_last_n: int) -> None:
+    checkpoints = sorted(_list_checkpoints(ckdir))
+    # Newer checkpoints than the one just written belong to a timeline this run abandoned when it resumed
+    # from an earlier (the newest good) checkpoint: they would otherwise outrank every new checkpoint.
+    for s, p in checkpoints:
+        if s > step:
+            warnings.warn(f"deleting {p}: it is newer than step {step}, which this run has just written after "
+                          "resuming from an earlier checkpoint", RuntimeWarning, stacklevel=3)
+            p.unlink(missing_ok=True)
+    checkpoints = [(s, p) for s, p in checkpoints if s <= step]
+    keep_n = len(checkpoints) if retain_last_n == -1 else max(1, retain_last_n)
+    for _, p in checkpoints[:-keep_n]:
+        p.unlink(missing_ok=True)
+    retained = [p for _, p in checkpoints[-keep_n:]]
+    segdir = ckdir / "replay"
+    if not segdir.is_dir():
+        return
+    needed: set[str] = set()
+    for p in retained:
+        try:
+            with _open(p, FORMAT) as f:
+                header = _read_replay_header(f, p)
+        except CheckpointError:
+            return  # cannot tell what a retained checkpoint needs: delete no segment this time
+        if header is not None:
+            needed.update(header["chain"])
+    for p in segdir.iterdir():
+        if _SEG_RE.match(p.name) and p.name not in needed:
+            p.unlink(missing_ok=True)
+    _fsync_dir(ckdir)
+
+
+# ============================================================================================ replay
+
+
+class _ReplayLayout:
+    """What the checkpoint needs to know about a replay buffer, read from its public state.
+
+    Storage fields are the tensors of ``state_dict()`` shaped [num_tasks, capacity_per_task, ...] (task axis 0)
+    or [capacity_per_task, num_tasks, ...] (task axis 1); everything else is small state stored whole.
+    Per-task counters are found by name (``ADDED_KEYS``, ``CURSOR_KEYS``, ``FILL_KEYS``).
+    """
+
+    def __init__(self, replay):
+        self.num_tasks = int(_attr(replay, ("num_tasks", "n_tasks")))
+        self.capacity = int(_attr(replay, ("capacity_per_task", "capacity")))
+        sd = replay.state_dict()
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"replay.state_dict() returned {type(sd).__name__}, expected a dict")
+        self.flat = _flatten(sd)
+        T, C = self.num_tasks, self.capacity
+        self.fields: list[tuple[tuple, int]] = []  # (path, task_axis)
+        for key, v in self.flat.items():
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.numel() > 0:
+                if tuple(v.shape[:2]) == (T, C):
+                    self.fields.append((key, 0))
+                elif tuple(v.shape[:2]) == (C, T):
+                    self.fields.append((key, 1))
+        if not self.fields:
+            raise CheckpointError(
+                "the replay buffer's state_dict() has no tensor shaped [num_tasks, capacity_per_task, ...] "
+                f"(num_tasks={T}, capacity_per_task={C}); cannot store its rows"
+            )
+        self.added = self._counter(ADDED_KEYS)
+        self.cursor = self._counter(CURSOR_KEYS)
+        self.fill = self._counter(FILL_KEYS)
+
+    def _counter(self, names) -> np.ndarray | None:
+        for key, v in self.flat.items():
+            if key[-1] in names and isinstance(v, (torch.Tensor, np.ndarray, int, list)):
+                arr = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v).astype(np.int64)
+                if arr.shape == ():
+                    return np.full(self.num_tasks, int(arr), dtype=np.int64)
+                if arr.shape == (self.num_tasks,):
+                    return arr
+        return None
+
+    def filled(self) -> np.ndarray:
+        if self.fill is not None:
+            return np.minimum(self.fill, self.capacity)
+        if self.added is not None:
+            return np.minimum(self.added, self.capacity)
+        return np.full(self.num_tasks, self.capacity, dtype=np.int64)  # unknown: every row
+
+    def cursors(self) -> np.ndarray:
+        return self.cursor % self.capacity if self.cursor is not None else self.added % self.capacity
+
+
+def _attr(obj, names):
+    for n in names:
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    raise CheckpointError(f"the replay buffer has none of the attributes {names}; the checkpoint needs them")
+
+
+def _flatten(tree: Mapping, prefix=()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        node = out
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = v
+    return out
+
+
+_CHAINS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CHAINS_BY_ID: dict[int, dict] = {}
+_warned_no_counter = False
+
+
+def _chain_of(replay) -> dict | None:
+    try:
+        return _CHAINS.get(replay)
+    except TypeError:
+        return _CHAINS_BY_ID.get(id(replay))
+
+
+def _remember_chain(replay, ckdir: pathlib.Path, header: dict) -> None:
+    info = {"ckdir": str(ckdir.resolve()), **{k: header[k] for k in ("chain", "chain_sha256", "chain_rows")},
+            "added": np.asarray(header["added"]).copy(), "signature": header["signature"]}
+    try:
+        _CHAINS[replay] = info
+    except TypeError:
+        _CHAINS_BY_ID[id(replay)] = info
+
+
+def _signature(layout: _ReplayLayout) -> str:
+    parts = [f"T={layout.num_tasks}", f"C={layout.capacity}"]
+    for key, axis in layout.fields:
+        v = layout.flat[key]
+        parts.append(f"{'/'.join(map(str, key))}:{tuple(v.shape)}:{v.dtype}:{axis}")
+    return ";".join(parts)
+
+
+def _task_rows(t: torch.Tensor, axis: int, task: int, start: int, count: int) -> np.ndarray:
+    rows = t[task, start:start + count] if axis == 0 else t[start:start + count, task]
+    raw = hdf5_tree._RAW_DTYPES.get(rows.dtype)
+    rows = rows.detach().cpu().contiguous()
+    return (rows.view(raw) if raw is not None else rows).numpy()
+
+
+def _save_replay(ckdir: pathlib.Path, step: int, replay) -> dict:
+    global _warned_no_counter
+    layout = _ReplayLayout(replay)
+    T, C = layout.num_tasks, layout.capacity
+    signature = _signature(layout)
+    prev = _chain_of(replay)
+    segdir = ckdir / "replay"
+    _makedirs(segdir)
+
+    runs: list[tuple[int, int, int]] | None = None
+    if layout.added is None:
+        if not _warned_no_counter:
+            warnings.warn("the replay buffer exposes no per-task add counter (one of "
+                          f"{ADDED_KEYS} in its state_dict); every checkpoint stores the whole buffer", stacklevel=3)
+            _warned_no_counter = True
+    elif (prev is not None and prev["ckdir"] == str(ckdir.resolve()) and prev["signature"] == signature
+          and all((segdir / n).exists() for n in prev["chain"])):
+        new = layout.added - prev["added"]
+        if (new >= 0).all():
+            runs = []
+            end = layout.cursors()
+            for task in range(T):
+                n = int(min(new[task], C))
+                start = int((end[task] - n) % C)
+                first = min(n, C - start)
+                if first:
+                    runs.append((task, start, first))
+                if n - first:
+                    runs.append((task, 0, n - first))
+            if prev["chain_rows"] + sum(r[2] for r in runs) > T * C:
+                runs = None  # the chain would outgrow the buffer: start a new base
+    if runs is None:
+        kind, parent, chain, chain_sha, chain_rows = "base", "", [], [], 0
+        runs = [(task, 0, int(n)) for task, n in enumerate(layout.filled()) if n > 0]
+    else:
+        kind, parent = "delta", prev["chain"][-1]
+        chain, chain_sha, chain_rows = list(prev["chain"]), list(prev["chain_sha256"]), prev["chain_rows"]
+
+    name = f"seg_{step:012d}_{secrets.token_hex(4)}.h5"
+    delta_rows = sum(r[2] for r in runs) if kind == "delta" else 0
+    n_rows = sum(r[2] for r in runs)
+
+    def body(f: h5py.File, digest: Digest):
+        f.attrs["step"] = step
+        f.attrs["kind"] = kind
+        f.attrs["parent"] = parent
+        runs_arr = np.array(runs, dtype=np.int64).reshape(-1, 3)
+        ds = f.create_dataset("runs", data=runs_arr)
+        digest.add("/runs", ds, [runs_arr])
+        fields = f.create_group("fields")
+        for i, (key, axis) in enumerate(layout.fields):
+            t = layout.flat[key]
+            raw = hdf5_tree._RAW_DTYPES.get(t.dtype, t.dtype)
+            np_dtype = torch.empty(0, dtype=raw).numpy().dtype
+            row_shape = tuple(t.shape[2:])
+            ds = fields.create_dataset(f"f{i}", shape=(n_rows, *row_shape), dtype=np_dtype)
+            chunks, off = [], 0
+            for task, start, count in runs:
+                rows = _task_rows(t, axis, task, start, count)
+                ds[off:off + count] = rows
+                chunks.append(rows)
+                off += count
+            digest.add(f"/fields/f{i}", ds, chunks)
+        digest.add("/fields", fields, [])
+
+    sha = _write_atomic(segdir / name, SEGMENT_FORMAT, body)
+    chain.append(name)
+    chain_sha.append(sha)
+    chain_rows += delta_rows
+
+    small = {}
+    field_keys = {key for key, _ in layout.fields}
+    for key, v in layout.flat.items():
+        if key not in field_keys:
+            small[key] = v
+    return {
+        "signature": signature,
+        "num_tasks": T,
+        "capacity_per_task": C,
+        "chain": chain,
+        "chain_sha256": chain_sha,
+        "chain_rows": int(chain_rows),
+        "added": layout.added if layout.added is not None else np.zeros(0, dtype=np.int64),
+        "small": _unflatten(small),
+        "fields": [
+            {"path": [str(p) for p in key], "path_is_int": [isinstance(p, int) for p in key], "task_axis": axis,
+             "shape": list(layout.flat[key].shape), "torch_dtype": str(layout.flat[key].dtype)}
+            for key, axis in layout.fields
+        ],
+    }
+
+
+def _read_replay_header(f: h5py.File, path: pathlib.Path) -> dict | None:
+    if "replay" not in f:
+        return None
+    try:
+        return read_tree(f["replay"])
+    except (KeyError, TreeError) as e:
+        raise CheckpointError(f"{path}: its replay header is damaged ({e}); delete it") from None
+
+
+def _verify_segment(seg: pathlib.Path, expected_sha: str, ckpt: pathlib.Path) -> None:
+    if not seg.exists():
+        raise CheckpointError(
+            f"{ckpt} needs the replay segment {seg}, which is missing (deleted by hand?); resume from an earlier "
+            "checkpoint or start a new run directory"
+        )
+    with _open(seg, SEGMENT_FORMAT) as f:
+        sha = _check_digest(f, seg)
+    if sha != expected_sha:
+        raise CheckpointError(f"{seg} is not the replay segment {ckpt} was written with (checksum differs)")
+
+
+def _load_replay(path: pathlib.Path, header: dict, replay) -> None:
+    layout = _ReplayLayout(replay)
+    if _signature(layout) != header["signature"]:
+        raise CheckpointError(
+            f"{path} holds a replay buffer shaped {header['signature']!r}, but the buffer passed to load() is "
+            f"shaped {_signature(layout)!r}; build the buffer with the checkpoint's config (num tasks, capacity, "
+            "obs/action shapes, obs dtype)"
+        )
+    arrays = []
+    for spec in header["fields"]:
+        raw = hdf5_tree._RAW_DTYPES.get(hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]])
+        dtype = raw or hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]]
+        arrays.append(torch.zeros(spec["shape"], dtype=dtype).numpy())
+    for name in header["chain"]:
+        seg = path.parent / "replay" / name
+        with _open(seg, SEGMENT_FORMAT) as f:
+            runs = f["runs"][()]
+            for i, (spec, arr) in enumerate(zip(header["fields"], arrays)):
+                data = f[f"fields/f{i}"][()]
+                off = 0
+                for task, start, count in runs.tolist():
+                    if spec["task_axis"] == 0:
+                        arr[task, start:start + count] = data[off:off + count]
+                    else:
+                        arr[start:start + count, task] = data[off:off + count]
+                    off += count
+    flat = {}
+    small = header["small"]
+    for key, v in _flatten(small).items():
+        flat[key] = v
+    for spec, arr in zip(header["fields"], arrays):
+        key = tuple(int(p) if is_int else p for p, is_int in zip(spec["path"], spec["path_is_int"]))
+        t = torch.from_numpy(arr)
+        dtype = hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]]
+        flat[key] = t.view(dtype) if dtype in hdf5_tree._RAW_DTYPES else t
+    sd = _unflatten(flat)
+    try:
+        replay.load_state_dict(sd)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"the replay buffer rejected the state restored from {path}: {e}") from None
+    _remember_chain(replay, path.parent, header)
+
+
+def _plain(v):
+    """Config values as plain Python (OmegaConf containers included) for comparison and messages."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(v):
+            return OmegaConf.to_container(v, resolve=True)
+    except ImportError:
+        pass
+    return v

@@ -1,0 +1,322 @@
+"""Nested state trees <-> HDF5 groups, exactly and without pickle; plus a content checksum.
+
+A state tree is a dict whose values are leaves or nested containers:
+
+- containers: ``dict`` (str or int keys), ``list``, ``tuple``
+- leaves: ``torch.Tensor`` (any strided dtype; bfloat16 / float8 are stored as raw unsigned integers with the
+  torch dtype in an attribute), ``np.ndarray`` (numeric or bool), numpy scalars, ``int`` (any size),
+  ``float``, ``bool``, ``str``, ``bytes``, ``None``
+
+Every node is one HDF5 object carrying a ``kind`` attribute, so reading needs no guessing and never executes
+code: a torch optimizer ``state_dict()`` (int keys, lists of dicts, tuples of floats) round-trips as is.
+Lists of plain ints, floats or strings are stored as one dataset, not one object per element.
+
+The checksum (``tree_digest``) is a sha256 over every object below a group in sorted path order: its path,
+its attributes and, for datasets, dtype, shape and bytes. ``Digest`` lets a writer hash the bytes it has in
+memory as it writes them (in a background thread), so writing does not read the file back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+KIND = "kind"
+_STR = h5py.string_dtype("utf-8")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# torch dtypes numpy cannot hold: stored as the unsigned integer of the same width.
+_RAW_DTYPES = {torch.bfloat16: torch.uint16}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
+    if hasattr(torch, _name):
+        _RAW_DTYPES[getattr(torch, _name)] = torch.uint8
+_TORCH_DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+class TreeError(ValueError):
+    """A value cannot be stored, or a stored group is not a state tree of this format."""
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def _encode_key(key) -> str:
+    """HDF5 names cannot contain '/' or be '.'; int keys are marked so they come back as ints."""
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise TreeError(f"dict key {key!r} has type {type(key).__name__}; only str and int keys can be stored")
+    if isinstance(key, int):
+        return f"#{key}"
+    return key.replace("%", "%25").replace("/", "%2F").replace("#", "%23").replace(".", "%2E") or "%00"
+
+
+def _decode_key(name: str):
+    if name.startswith("#"):
+        return int(name[1:])
+    if name == "%00":
+        return ""
+    return name.replace("%2E", ".").replace("%23", "#").replace("%2F", "/").replace("%25", "%")
+
+
+# --------------------------------------------------------------------------------------------- digest
+
+
+def _attr_bytes(value) -> bytes:
+    if isinstance(value, bytes):
+        return b"b" + value
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8")
+    arr = np.asarray(value)
+    if arr.dtype.kind in "OSU":
+        return b"a" + repr([v.decode() if isinstance(v, bytes) else str(v) for v in arr.ravel()]).encode()
+    return b"n" + arr.dtype.str.encode() + repr(arr.shape).encode() + arr.tobytes()
+
+
+def _object_header(path: str, obj, skip_attrs=()) -> bytes:
+    parts = [b"P", path.encode("utf-8")]
+    for name in sorted(obj.attrs.keys()):
+        if name in skip_attrs:
+            continue
+        parts += [b"A", name.encode("utf-8"), _attr_bytes(obj.attrs[name])]
+    if isinstance(obj, h5py.Dataset):
+        parts += [b"D", obj.dtype.str.encode(), repr(obj.shape).encode()]
+    return b"\0".join(parts)
+
+
+def _string_bytes(arr: np.ndarray) -> bytes:
+    items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in np.asarray(arr, dtype=object).ravel()]
+    return b"".join(len(b).to_bytes(8, "little") + b for b in items)
+
+
+class Digest:
+    """Collects one sha256 per HDF5 object; ``hexdigest()`` combines them in sorted path order.
+
+    Large byte buffers are hashed in a worker thread (hashlib releases the GIL), overlapping with HDF5 I/O.
+    """
+
+    _pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl_hpc-digest")
+
+    def __init__(self, skip_attrs=()):
+        self.skip_attrs = tuple(skip_attrs)
+        self._objects: dict[str, Any] = {}
+
+    def add(self, path: str, obj, chunks=None):
+        """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays)."""
+        header = _object_header(path, obj, self.skip_attrs)
+        if isinstance(obj, h5py.Dataset) and chunks is None:
+            chunks = [_read_dataset_bytes(obj)]
+        chunks = list(chunks or [])
+        if sum(memoryview(c).nbytes for c in chunks) > (1 << 20):
+            self._objects[path] = self._pool.submit(_hash_chunks, header, chunks)
+        else:
+            self._objects[path] = _hash_chunks(header, chunks)
+
+    def hexdigest(self) -> str:
+        total = hashlib.sha256()
+        for path in sorted(self._objects):
+            value = self._objects[path]
+            digest = value.result() if isinstance(value, concurrent.futures.Future) else value
+            total.update(path.encode("utf-8") + b"\0" + digest)
+        return total.hexdigest()
+
+
+def _hash_chunks(header: bytes, chunks) -> bytes:
+    h = hashlib.sha256(header)
+    for c in chunks:
+        mv = memoryview(c)
+        h.update(mv if mv.c_contiguous else np.ascontiguousarray(c))
+    return h.digest()
+
+
+def _read_dataset_bytes(ds: h5py.Dataset):
+    if ds.shape is None:  # h5py.Empty
+        return b""
+    if h5py.check_string_dtype(ds.dtype) is not None or ds.dtype.kind == "O":
+        return _string_bytes(ds[()])
+    return np.array(ds[()], order="C")
+
+
+def data_chunk(arr) -> Any:
+    """The bytes of an array as the digest sees them (strings encoded, others raw)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind in "OSU":
+        return _string_bytes(arr)
+    return np.ascontiguousarray(arr)
+
+
+def tree_digest(group: h5py.Group, skip_attrs=()) -> str:
+    """The checksum of everything below ``group`` (attributes in ``skip_attrs`` excluded)."""
+    digest = Digest(skip_attrs)
+    digest.add("/", group)
+
+    def visit(name, obj):
+        digest.add("/" + name, obj)
+
+    group.visititems(visit)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- write
+
+
+def write_tree(group: h5py.Group, tree: dict, digest: Digest | None = None, _path: str = "") -> None:
+    """Writes ``tree`` (a dict) into ``group``; each written object is added to ``digest``."""
+    if not isinstance(tree, dict):
+        raise TreeError(f"a state tree must be a dict, got {type(tree).__name__}")
+    group.attrs[KIND] = "dict"
+    for key, value in tree.items():
+        _write_node(group, _encode_key(key), value, digest, f"{_path}/{_encode_key(key)}", key)
+
+
+def _dataset(group, name, data, kind, digest, path, chunks=None, **attrs):
+    ds = group.create_dataset(name, data=data)
+    ds.attrs[KIND] = kind
+    for k, v in attrs.items():
+        ds.attrs[k] = v
+    if digest is not None:
+        digest.add(path, ds, [data_chunk(data)] if chunks is None else chunks)
+    return ds
+
+
+def _plain_list_kind(value) -> str | None:
+    if not value:
+        return None
+    types = {type(v) for v in value}
+    if types == {int} and all(_INT64_MIN <= v <= _INT64_MAX for v in value):
+        return "list_int"
+    if types == {float}:
+        return "list_float"
+    if types == {str}:
+        return "list_str"
+    return None
+
+
+def _write_node(group, name, value, digest, path, key):
+    where = path.lstrip("/")
+    if isinstance(value, dict):
+        sub = group.create_group(name, track_order=True)
+        write_tree(sub, value, digest, path)
+        if digest is not None:
+            digest.add(path, sub, [])
+        return
+    if isinstance(value, (list, tuple)):
+        container = "list" if isinstance(value, list) else "tuple"
+        plain = _plain_list_kind(value)
+        if plain is not None:
+            data = np.array(value, dtype=_STR if plain == "list_str" else None)
+            kind = plain if container == "list" else plain.replace("list", "tuple")
+            _dataset(group, name, data, kind, digest, path, chunks=[data_chunk(np.array(value, dtype=object))] if plain == "list_str" else None)
+            return
+        sub = group.create_group(name)
+        sub.attrs[KIND] = container
+        sub.attrs["length"] = len(value)
+        for i, item in enumerate(value):
+            _write_node(sub, str(i), item, digest, f"{path}/{i}", i)
+        if digest is not None:
+            digest.add(path, sub, [])
+        return
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TreeError(f"{where}: tensor with layout {value.layout} cannot be stored; convert it to dense")
+        t = value.detach().cpu().contiguous()
+        raw = _RAW_DTYPES.get(t.dtype)
+        arr = (t.view(raw) if raw is not None else t).numpy()
+        _dataset(group, name, arr, "tensor", digest, path, torch_dtype=str(t.dtype))
+        return
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufc" :
+            raise TreeError(f"{where}: numpy array of dtype {value.dtype} cannot be stored without pickle; "
+                            "store numbers or convert strings to a list of str")
+        _dataset(group, name, np.ascontiguousarray(value), "ndarray", digest, path)
+        return
+    if isinstance(value, np.generic) and value.dtype.kind in "biufc":
+        _dataset(group, name, np.asarray(value), "npscalar", digest, path)
+        return
+    if isinstance(value, bool):
+        _dataset(group, name, np.uint8(value), "bool", digest, path)
+        return
+    if isinstance(value, int):
+        data = np.int64(value) if _INT64_MIN <= value <= _INT64_MAX else np.array(str(value), dtype=_STR)
+        _dataset(group, name, data, "int", digest, path,
+                 chunks=None if data.dtype.kind == "i" else [data_chunk(np.array([str(value)], dtype=object))])
+        return
+    if isinstance(value, float):
+        _dataset(group, name, np.float64(value), "float", digest, path)
+        return
+    if isinstance(value, str):
+        _dataset(group, name, np.array(value, dtype=_STR), "str", digest, path,
+                 chunks=[data_chunk(np.array([value], dtype=object))])
+        return
+    if isinstance(value, bytes):
+        _dataset(group, name, np.frombuffer(value, dtype=np.uint8), "bytes", digest, path)
+        return
+    if value is None:
+        ds = group.create_dataset(name, data=h5py.Empty("u1"))
+        ds.attrs[KIND] = "none"
+        if digest is not None:
+            digest.add(path, ds, [])
+        return
+    raise TreeError(
+        f"{where}: values of type {type(value).__name__} cannot be stored; use tensors, arrays, numbers, str, "
+        "bytes, None, or dicts/lists/tuples of these"
+    )
+
+
+# --------------------------------------------------------------------------------------------- read
+
+
+def read_tree(group: h5py.Group) -> dict:
+    """Reads a group written by ``write_tree`` back into a dict (tensors on the CPU)."""
+    if group.attrs.get(KIND) != "dict":
+        raise TreeError(f"{group.name} is not a state tree group (its 'kind' attribute is {group.attrs.get(KIND)!r})")
+    return _read_node(group)
+
+
+def _read_node(obj):
+    kind = obj.attrs.get(KIND)
+    if isinstance(kind, bytes):
+        kind = kind.decode()
+    if isinstance(obj, h5py.Group):
+        if kind == "dict":
+            return {_decode_key(name): _read_node(obj[name]) for name in obj.keys()}
+        if kind in ("list", "tuple"):
+            n = int(obj.attrs["length"])
+            items = [_read_node(obj[str(i)]) for i in range(n)]
+            return items if kind == "list" else tuple(items)
+        raise TreeError(f"{obj.name}: group of unknown kind {kind!r}")
+    if kind == "none":
+        return None
+    if kind in ("list_int", "list_float", "tuple_int", "tuple_float"):
+        items = obj[()].tolist()
+        return items if kind.startswith("list") else tuple(items)
+    if kind in ("list_str", "tuple_str"):
+        items = [s.decode("utf-8") if isinstance(s, bytes) else s for s in obj[()].tolist()]
+        return items if kind.startswith("list") else tuple(items)
+    if kind == "tensor":
+        dtype_name = obj.attrs["torch_dtype"]
+        dtype = _TORCH_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise TreeError(f"{obj.name}: unknown torch dtype {dtype_name!r} (written by a newer torch?)")
+        t = torch.from_numpy(np.array(obj[()], order="C"))
+        return t.view(dtype) if dtype in _RAW_DTYPES else t.to(dtype)
+    if kind == "ndarray":
+        return np.array(obj[()], order="C")
+    if kind == "npscalar":
+        return obj[()]
+    if kind == "bool":
+        return bool(obj[()])
+    if kind == "int":
+        v = obj[()]
+        return int(v.decode() if isinstance(v, bytes) else v)
+    if kind == "float":
+        return float(obj[()])
+    if kind == "str":
+        v = obj[()]
+        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    if kind == "bytes":
+        return obj[()].tobytes()
+    raise TreeError(f"{obj.name}: dataset of unknown kind {kind!r}")

@@ -1,0 +1,424 @@
+"""Checkpoints: exact round trips, atomicity under kill -9, verification, rotation, incremental replay chains."""
+
+import os
+import pathlib
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mtrl_hpc import checkpoint
+from mtrl_hpc.checkpoint import CheckpointError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class TinyReplay:
+    """Test double with the replay buffer's public state: [tasks, capacity, ...] storage, per-task cursors,
+    fill counts, monotonic add counts and an RNG counter."""
+
+    def __init__(self, num_tasks, capacity_per_task, obs_shape, action_shape, device="cpu", seed=0,
+                 obs_dtype=torch.float32):
+        T, C = num_tasks, capacity_per_task
+        self.num_tasks, self.capacity_per_task = T, C
+        self.obs = torch.zeros(T, C, *obs_shape, dtype=obs_dtype)
+        self.next_obs = torch.zeros(T, C, *obs_shape, dtype=obs_dtype)
+        self.action = torch.zeros(T, C, *action_shape)
+        self.reward = torch.zeros(T, C, 1)
+        self.done = torch.zeros(T, C, 1, dtype=torch.bool)
+        self.cursor = torch.zeros(T, dtype=torch.int64)
+        self.size = torch.zeros(T, dtype=torch.int64)
+        self.total_added = torch.zeros(T, dtype=torch.int64)
+        self.seed, self.sample_counter = seed, 0
+
+    def add(self, obs, action, reward, next_obs, done, tasks=None):
+        tasks = torch.arange(self.num_tasks) if tasks is None else torch.as_tensor(tasks)
+        pos = self.cursor[tasks]
+        self.obs[tasks, pos] = obs.to(self.obs.dtype)
+        self.next_obs[tasks, pos] = next_obs.to(self.obs.dtype)
+        self.action[tasks, pos] = action
+        self.reward[tasks, pos] = reward
+        self.done[tasks, pos] = done
+        self.cursor[tasks] = (pos + 1) % self.capacity_per_task
+        self.total_added[tasks] += 1
+        self.size[tasks] = torch.clamp(self.total_added[tasks], max=self.capacity_per_task)
+        self.sample_counter += 1
+
+    def state_dict(self):
+        return {"storage": {k: getattr(self, k) for k in ("obs", "action", "reward", "next_obs", "done")},
+                "cursor": self.cursor.clone(), "size": self.size.clone(), "total_added": self.total_added.clone(),
+                "seed": self.seed, "sample_counter": self.sample_counter}
+
+    def load_state_dict(self, sd):
+        for k, v in sd["storage"].items():
+            getattr(self, k).copy_(v)
+        for k in ("cursor", "size", "total_added"):
+            getattr(self, k).copy_(sd[k])
+        self.seed, self.sample_counter = sd["seed"], sd["sample_counter"]
+
+
+def fill(replay, steps, gen, tasks=None):
+    T = replay.num_tasks if tasks is None else len(tasks)
+    for _ in range(steps):
+        obs = torch.randn(T, *replay.obs.shape[2:], generator=gen)
+        replay.add(obs, torch.randn(T, *replay.action.shape[2:], generator=gen), torch.randn(T, 1, generator=gen),
+                   obs + 1, torch.rand(T, 1, generator=gen) < 0.1, tasks=tasks)
+
+
+def assert_same(a, b, where="state"):
+    if isinstance(a, dict):  # an OrderedDict (torch state_dict) comes back as a dict with the same order
+        assert type(b) is dict, where
+        assert list(a.keys()) == list(b.keys()), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+        return
+    assert type(a) is type(b), f"{where}: {type(a)} vs {type(b)}"
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 and a.dtype.is_floating_point else a,
+                           b.view(torch.uint8) if b.dtype.itemsize == 1 and b.dtype.is_floating_point else b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True), where
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), where
+    else:
+        assert a == b, where
+
+
+def rich_state():
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4, betas=(0.9, 0.999))
+    net(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    return {
+        "actor": net.state_dict(),
+        "actor_optimizer": opt.state_dict(),
+        "log_alpha": torch.randn(10, generator=g, dtype=torch.float64).requires_grad_(),
+        "bf16": torch.randn(4, 3, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "scalar_tensor": torch.tensor(3, dtype=torch.int32),
+        "empty": torch.zeros(0, 3),
+        "flags": torch.tensor([True, False]),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "c64": torch.randn(3, dtype=torch.complex64, generator=g),
+        "nd": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "nd_bool": np.array([True, False]),
+        "np_scalar": np.float32(1.5),
+        "i": 7, "big": 2**100 + 1, "neg": -(2**70), "f": 0.1, "nan": float("nan"), "inf": float("-inf"),
+        "b": True, "s": "héllo / wörld", "empty_s": "", "none": None, "raw": b"\x00\x01\xff",
+        "ints": [1, 2, 3], "floats": [0.5, 1.5], "strs": ["a", "b/c"], "mixed": [1, "a", None, [2.0]],
+        "tuple": (0.9, 0.999), "empty_list": [], "nested": {"a.b": {"c/d": {3: "x", "#": 1, "%2F": 2}}},
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.default_rng(1).bit_generator.state,
+        "legacy_rng": tuple(np.random.RandomState(0).get_state()),
+    }
+
+
+def test_round_trip_every_leaf_type(tmp_path):
+    state = rich_state()
+    path = checkpoint.save(tmp_path, 100, state, config_yaml="env:\n  name: mt10\n")
+    assert path == tmp_path / "checkpoints" / "step_000000000100.h5"
+    checkpoint.verify(path)
+    loaded, config = checkpoint.load(path)
+    assert config == "env:\n  name: mt10\n"
+    state["log_alpha"] = state["log_alpha"].detach()
+    assert_same(state, loaded)
+    # what the loop does with it: optimizers and RNGs accept the restored states
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
+    net.load_state_dict(loaded["actor"])
+    torch.optim.Adam(net.parameters()).load_state_dict(loaded["actor_optimizer"])
+    torch.set_rng_state(loaded["torch_rng"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = loaded["numpy_rng"]
+    np.random.RandomState().set_state(loaded["legacy_rng"])
+
+
+def test_versions_and_permissions(tmp_path):
+    old = os.umask(0)
+    try:
+        path = checkpoint.save(tmp_path / "run", 1, {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
+    with h5py.File(path, "r") as f:
+        for lib in ("python", "torch", "numpy", "h5py", "mtrl_hpc", "metaworld"):
+            assert f.attrs[f"version_{lib}"]
+        assert f.attrs["format_version"] == checkpoint.FORMAT_VERSION
+
+
+def test_unsupported_values_are_refused_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="state.*object"):
+        checkpoint.save(tmp_path, 1, {"o": object()})
+    with pytest.raises(CheckpointError, match="pickle"):
+        checkpoint.save(tmp_path, 1, {"o": np.array([object()])})
+    assert not list((tmp_path / "checkpoints").iterdir())  # no temp file left behind
+
+
+def test_damaged_and_foreign_files_raise_clear_errors(tmp_path):
+    good = checkpoint.save(tmp_path, 1, {"w": torch.randn(1000)})
+    data = good.read_bytes()
+    cases = {}
+    cases["truncated"] = data[: len(data) // 2]
+    cases["random"] = np.random.default_rng(0).bytes(len(data))
+    flipped = bytearray(data)
+    with h5py.File(good, "r") as f:
+        offset = f["state/w"].id.get_offset()
+    flipped[offset + 17] ^= 0xFF
+    cases["flipped"] = bytes(flipped)
+    for name, content in cases.items():
+        p = tmp_path / f"{name}.h5"
+        p.write_bytes(content)
+        with pytest.raises(CheckpointError) as e:
+            checkpoint.load(p)
+        assert str(p) in str(e.value) and "delete it" in str(e.value), (name, e.value)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.arange(3)
+    with pytest.raises(CheckpointError, match="not a mtrl_hpc.checkpoint file"):
+        checkpoint.verify(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.verify(tmp_path / "nope.h5")
+    # a modified attribute is caught too
+    with h5py.File(good, "r+") as f:
+        f["state/w"].attrs["torch_dtype"] = "torch.float64"
+    with pytest.raises(CheckpointError, match="checksum"):
+        checkpoint.verify(good)
+
+
+@pytest.mark.parametrize("retain", [-1, 0, 1, 3])
+def test_rotation(tmp_path, retain):
+    for step in range(0, 50, 10):
+        checkpoint.save(tmp_path, step, {"step": step}, retain_last_n=retain)
+    steps = sorted(int(p.stem[5:]) for p in (tmp_path / "checkpoints").glob("step_*.h5"))
+    expected = {-1: [0, 10, 20, 30, 40], 0: [40], 1: [40], 3: [20, 30, 40]}[retain]
+    assert steps == expected
+    checkpoint.finish_run(tmp_path, retain)
+    steps = sorted(int(p.stem[5:]) for p in (tmp_path / "checkpoints").glob("step_*.h5"))
+    assert steps == ([] if retain == 0 else expected)
+
+
+def test_find_latest_good_skips_damaged_newest_with_warning(tmp_path):
+    for step in (10, 20, 30):
+        checkpoint.save(tmp_path, step, {"step": step}, retain_last_n=-1)
+    ck = tmp_path / "checkpoints"
+    p30 = ck / "step_000000000030.h5"
+    p30.write_bytes(p30.read_bytes()[:-200])
+    (ck / "step_000000000040.h5").write_bytes(b"not hdf5 at all")
+    (ck / f"{checkpoint._TMP_PREFIX}123-abcd-step_000000000050.h5").write_bytes(b"partial")
+    with pytest.warns(RuntimeWarning) as record:
+        latest = checkpoint.find_latest_good(tmp_path)
+    assert latest == ck / "step_000000000020.h5"
+    messages = " ".join(str(w.message) for w in record)
+    assert "step_000000000040.h5" in messages and "step_000000000030.h5" in messages
+    assert not any(p.name.startswith(checkpoint._TMP_PREFIX) for p in ck.iterdir())
+    assert checkpoint.load(latest)[0] == {"step": 20}
+    # continuing from step 20 replaces the abandoned newer files instead of being outranked by them
+    with pytest.warns(RuntimeWarning, match="newer than step 25"):
+        checkpoint.save(tmp_path, 25, {"step": 25}, retain_last_n=1)
+    assert [p.name for p in ck.glob("step_*.h5")] == ["step_000000000025.h5"]
+    assert checkpoint.find_latest_good(tmp_path / "elsewhere") is None
+
+
+def test_check_compatible():
+    saved = {"env": {"name": "metaworld-mt10", "num_envs": 10}, "agent": {"name": "sac"}, "setup": {"seed": 1}}
+    current = {"env": {"name": "metaworld-mt50", "num_envs": 50}, "agent": {"name": "sac"}, "setup": {"seed": 1}}
+    checkpoint.check_compatible(saved, saved, ["env.name", "agent.name"])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.check_compatible(saved, current, ["env.name", "env.num_envs", "agent.name", "agent.missing",
+                                                     "setup.extra"])
+    msg = str(e.value)
+    assert "env.name: checkpoint has metaworld-mt10, this run has metaworld-mt50" in msg
+    assert "env.num_envs: checkpoint has 10, this run has 50" in msg
+    assert "agent.name" not in msg and "should_resume=False" in msg
+    current["setup"]["extra"] = 3
+    with pytest.raises(CheckpointError, match="setup.extra: checkpoint has <missing>, this run has 3"):
+        checkpoint.check_compatible(saved, current, ["setup.extra"])
+
+
+# ------------------------------------------------------------------------------------------ replay chains
+
+
+def replay_files(tmp_path):
+    return sorted(p.name for p in (tmp_path / "checkpoints" / "replay").glob("seg_*.h5"))
+
+
+@pytest.mark.parametrize("obs_dtype", [torch.float32, torch.bfloat16])
+def test_incremental_replay_chain_is_exact(tmp_path, obs_dtype):
+    gen = torch.Generator().manual_seed(0)
+    T, C = 3, 16
+    replay = TinyReplay(T, C, (4,), (2,), obs_dtype=obs_dtype)
+    snapshots, sizes = {}, {}
+    step = 0
+    rng = np.random.default_rng(0)
+    for i in range(25):
+        n = int(rng.integers(0, 12))
+        fill(replay, n, gen)
+        if i % 4 == 3:  # uneven per-task adds
+            fill(replay, int(rng.integers(1, 20)), gen, tasks=[1])
+        step += n + 1
+        path = checkpoint.save(tmp_path, step, {"step": step}, replay=replay, retain_last_n=-1)
+        snapshots[path] = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                           for k, v in checkpoint._flatten(replay.state_dict()).items()}
+        with h5py.File(path, "r") as f:
+            sizes[path] = int(f["replay/chain_rows"][()])
+    assert max(sizes.values()) <= T * C  # delta rows after the base
+    segs = replay_files(tmp_path)
+    kinds = []
+    for s in segs:
+        with h5py.File(tmp_path / "checkpoints" / "replay" / s, "r") as f:
+            kinds.append(f.attrs["kind"])
+    assert kinds.count("base") >= 2 and kinds.count("delta") >= 10  # wrapped around and re-based
+    for path, expected in snapshots.items():  # every retained checkpoint restores its own buffer exactly
+        fresh = TinyReplay(T, C, (4,), (2,), obs_dtype=obs_dtype)
+        checkpoint.load(path, replay=fresh)
+        got = checkpoint._flatten(fresh.state_dict())
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert_same(expected[k], got[k], str(k))
+
+
+def test_replay_chain_rotation_keeps_needed_segments(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    T, C = 2, 50
+    replay = TinyReplay(T, C, (3,), (1,))
+    for step in range(1, 12):
+        fill(replay, 7, gen)
+        checkpoint.save(tmp_path, step, {}, replay=replay, retain_last_n=2)
+        ck = tmp_path / "checkpoints"
+        retained = sorted(ck.glob("step_*.h5"))
+        needed = set()
+        for p in retained:
+            checkpoint.verify(p)
+            with h5py.File(p, "r") as f:
+                needed |= {s.decode() if isinstance(s, bytes) else s for s in f["replay/chain"][()]}
+        assert set(replay_files(tmp_path)) == needed
+    # resume in a "new process": load the older retained checkpoint, continue, and the chain forks cleanly
+    older = sorted((tmp_path / "checkpoints").glob("step_*.h5"))[0]
+    fresh = TinyReplay(T, C, (3,), (1,))
+    checkpoint.load(older, replay=fresh)
+    fill(fresh, 3, gen)
+    with pytest.warns(RuntimeWarning, match="newer than step 10"):
+        p = checkpoint.save(tmp_path, 10, {}, replay=fresh, retain_last_n=2)
+    with h5py.File(p, "r") as f:
+        assert f["replay/chain"].shape[0] > 1  # continued the loaded chain with a delta
+    again = TinyReplay(T, C, (3,), (1,))
+    checkpoint.load(checkpoint.find_latest_good(tmp_path), replay=again)
+    for k, v in checkpoint._flatten(fresh.state_dict()).items():
+        assert_same(v, checkpoint._flatten(again.state_dict())[k], str(k))
+
+
+def test_replay_delta_writes_only_new_rows(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    replay = TinyReplay(4, 1000, (39,), (4,))
+    fill(replay, 300, gen)
+    checkpoint.save(tmp_path, 1, {}, replay=replay)
+    fill(replay, 25, gen)
+    p = checkpoint.save(tmp_path, 2, {}, replay=replay)
+    with h5py.File(p, "r") as f:
+        last = f["replay/chain"][-1]
+    last = last.decode() if isinstance(last, bytes) else last
+    with h5py.File(tmp_path / "checkpoints" / "replay" / last, "r") as f:
+        assert f.attrs["kind"] == "delta"
+        assert f["fields/f0"].shape == (4 * 25, 39)
+
+
+def test_missing_or_swapped_segment_is_detected(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    replay = TinyReplay(2, 8, (2,), (1,))
+    fill(replay, 5, gen)
+    checkpoint.save(tmp_path, 1, {}, replay=replay, retain_last_n=-1)
+    fill(replay, 2, gen)
+    p2 = checkpoint.save(tmp_path, 2, {}, replay=replay, retain_last_n=-1)
+    segdir = tmp_path / "checkpoints" / "replay"
+    segs = sorted(segdir.iterdir())
+    segs[1].unlink()
+    with pytest.warns(RuntimeWarning, match="missing"):
+        assert checkpoint.find_latest_good(tmp_path).name == "step_000000000001.h5"
+    with pytest.raises(CheckpointError, match="shaped"):
+        checkpoint.load(tmp_path / "checkpoints" / "step_000000000001.h5", replay=TinyReplay(2, 9, (2,), (1,)))
+    with pytest.raises(CheckpointError, match="holds no replay"):
+        checkpoint.load(checkpoint.save(tmp_path / "b", 1, {}), replay=replay)
+    assert p2.exists()
+
+
+# ------------------------------------------------------------------------------------------ kill -9
+
+WRITER = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from mtrl_hpc import checkpoint
+    from test_checkpoint import TinyReplay, fill
+    run, kill_at_fsync = sys.argv[1], int(sys.argv[2])
+    gen = torch.Generator().manual_seed(0)
+    replay = TinyReplay(2, 20000, (39,), (4,))
+    fill(replay, 20000, gen)
+    checkpoint.save(run, 1, {{"w": torch.ones(10), "step": 1}}, replay=replay)
+    print("first", flush=True)
+    fill(replay, 500, gen)
+    calls = [0]
+    real_fsync = os.fsync
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] == kill_at_fsync:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_fsync(fd)
+    os.fsync = fsync
+    big = {{"w": torch.randn(4_000_000), "step": 2}}
+    while True:  # keep writing new checkpoints until killed
+        checkpoint.save(run, 2, big, replay=replay)
+        if kill_at_fsync > 0:
+            sys.exit(3)
+""")
+
+
+def _run_writer(tmp_path, run, kill_at_fsync, kill_after=None):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(tests=str(REPO / "tests")))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(kill_at_fsync)], stdout=subprocess.PIPE,
+                            env=env)
+    assert proc.stdout.readline().strip() == b"first"
+    if kill_after is not None:
+        import time
+        time.sleep(kill_after)
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("kill_at_fsync,kill_after", [(1, None), (2, None), (3, None), (4, None), (0, 0.05), (0, 0.4)])
+def test_kill_9_while_writing_leaves_a_good_checkpoint(tmp_path, kill_at_fsync, kill_after):
+    """fsync calls of one save: 1 replay segment file, 2 its directory, 3 checkpoint file, 4 its directory."""
+    run = tmp_path / "run"
+    _run_writer(tmp_path, run, kill_at_fsync, kill_after)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        latest = checkpoint.find_latest_good(run)
+    assert latest is not None
+    replay = TinyReplay(2, 20000, (39,), (4,))
+    state, _ = checkpoint.load(latest, replay=replay)
+    assert state["step"] in (1, 2)
+    expected = TinyReplay(2, 20000, (39,), (4,))
+    gen = torch.Generator().manual_seed(0)
+    fill(expected, 20000 + (500 if state["step"] == 2 else 0), gen)
+    for k, v in checkpoint._flatten(expected.state_dict()).items():
+        if k != ("sample_counter",):
+            assert_same(v, checkpoint._flatten(replay.state_dict())[k], str(k))
+    if kill_at_fsync == 4:  # the rename happened: the new checkpoint is the latest good one
+        assert state["step"] == 2
+    if kill_at_fsync in (1, 2, 3):
+        assert state["step"] == 1
+    assert not any(p.name.startswith(checkpoint._TMP_PREFIX) for p in (run / "checkpoints").rglob("*"))
