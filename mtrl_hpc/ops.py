@@ -18,3 +18,42 @@ except ImportError as error:  # pragma: no cover - depends on the install
 # ---- replay buffer: fake kernels (csrc/replay) ----
 
 # ---- fused SAC losses: fake kernels and autograd (csrc/losses) ----
+# Autograd of these ops is registered in C++ (csrc/losses/losses_autograd.cpp, Autograd dispatch key): one
+# kernel call each way, no Python on the backward path. The fake kernels below give output metadata only
+# (argument checks run in the real kernels).
+
+
+def _rows_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mtrl_hpc::critic_loss")
+def _critic_loss_fake(q1, q2, target_q, next_log_prob, reward, not_done, log_alpha, task_ids, task_weights, discount, num_tasks):
+    return q1.new_empty((num_tasks,))
+
+
+@torch.library.register_fake("mtrl_hpc::critic_loss_backward")
+def _critic_loss_backward_fake(
+    grad, q1, q2, target_q, next_log_prob, reward, not_done, log_alpha, task_ids, task_weights, discount, num_tasks
+):
+    return _rows_like(q1), _rows_like(q2)
+
+
+@torch.library.register_fake("mtrl_hpc::actor_loss")
+def _actor_loss_fake(log_prob, q1_pi, q2_pi, log_alpha, task_ids, task_weights, num_tasks):
+    return log_prob.new_empty((num_tasks,))
+
+
+@torch.library.register_fake("mtrl_hpc::actor_loss_backward")
+def _actor_loss_backward_fake(grad, log_prob, q1_pi, q2_pi, log_alpha, task_ids, task_weights, num_tasks):
+    return _rows_like(log_prob), _rows_like(q1_pi), _rows_like(q2_pi)
+
+
+@torch.library.register_fake("mtrl_hpc::temperature_loss")
+def _temperature_loss_fake(log_prob, log_alpha, task_ids, task_weights, target_entropy, num_tasks):
+    return log_prob.new_empty((num_tasks,))
+
+
+@torch.library.register_fake("mtrl_hpc::temperature_loss_backward")
+def _temperature_loss_backward_fake(grad, log_prob, log_alpha, task_ids, task_weights, target_entropy, num_tasks):
+    return log_alpha.new_empty((log_alpha.shape[0],))
