@@ -31,6 +31,7 @@ by the training loop when the run has completed, deletes all of them.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import re
@@ -410,11 +411,10 @@ def _rotate(ckdir: pathlib.Path, step: int, retain_last_n: int) -> None:
     for p in retained:
         try:
             with _open(p, FORMAT) as f:
-                header = _read_replay_header(f, p)
-        except CheckpointError:
+                if "replay" in f:
+                    needed.update(hdf5_tree._read_node(f["replay/chain"]))
+        except (CheckpointError, KeyError, TreeError):
             return  # cannot tell what a retained checkpoint needs: delete no segment this time
-        if header is not None:
-            needed.update(header["chain"])
     for p in segdir.iterdir():
         if _SEG_RE.match(p.name) and p.name not in needed:
             p.unlink(missing_ok=True)
@@ -624,11 +624,11 @@ def _save_replay(ckdir: pathlib.Path, step: int, replay) -> dict:
         "chain_rows": int(chain_rows),
         "added": layout.added if layout.added is not None else np.zeros(0, dtype=np.int64),
         "small": _unflatten(small),
-        "fields": [
-            {"path": [str(p) for p in key], "path_is_int": [isinstance(p, int) for p in key], "task_axis": axis,
-             "shape": list(layout.flat[key].shape), "torch_dtype": str(layout.flat[key].dtype)}
+        "fields_json": json.dumps([
+            {"path": list(key), "task_axis": axis, "shape": list(layout.flat[key].shape),
+             "torch_dtype": str(layout.flat[key].dtype)}
             for key, axis in layout.fields
-        ],
+        ]),
     }
 
 
@@ -636,8 +636,10 @@ def _read_replay_header(f: h5py.File, path: pathlib.Path) -> dict | None:
     if "replay" not in f:
         return None
     try:
-        return read_tree(f["replay"])
-    except (KeyError, TreeError) as e:
+        header = read_tree(f["replay"])
+        header["fields"] = json.loads(header.pop("fields_json"))
+        return header
+    except (KeyError, TreeError, ValueError) as e:
         raise CheckpointError(f"{path}: its replay header is damaged ({e}); delete it") from None
 
 
@@ -684,7 +686,7 @@ def _load_replay(path: pathlib.Path, header: dict, replay) -> None:
     for key, v in _flatten(small).items():
         flat[key] = v
     for spec, arr in zip(header["fields"], arrays):
-        key = tuple(int(p) if is_int else p for p, is_int in zip(spec["path"], spec["path_is_int"]))
+        key = tuple(spec["path"])
         t = torch.from_numpy(arr)
         dtype = hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]]
         flat[key] = t.view(dtype) if dtype in hdf5_tree._RAW_DTYPES else t

@@ -39,17 +39,23 @@ class TinyReplay:
         self.seed, self.sample_counter = seed, 0
 
     def add(self, obs, action, reward, next_obs, done, tasks=None):
+        """Adds n env steps at once: every argument is shaped [n, len(tasks), ...]."""
         tasks = torch.arange(self.num_tasks) if tasks is None else torch.as_tensor(tasks)
-        pos = self.cursor[tasks]
-        self.obs[tasks, pos] = obs.to(self.obs.dtype)
-        self.next_obs[tasks, pos] = next_obs.to(self.obs.dtype)
-        self.action[tasks, pos] = action
-        self.reward[tasks, pos] = reward
-        self.done[tasks, pos] = done
-        self.cursor[tasks] = (pos + 1) % self.capacity_per_task
-        self.total_added[tasks] += 1
+        n = obs.shape[0]
+        pos = (self.cursor[tasks][None, :] + torch.arange(n)[:, None]) % self.capacity_per_task  # [n, tasks]
+        tt = tasks[None, :].expand(n, -1)
+        if n > self.capacity_per_task:  # only the last `capacity` steps survive
+            keep = slice(n - self.capacity_per_task, n)
+            pos, tt, obs, action, reward, next_obs, done = (x[keep] for x in (pos, tt, obs, action, reward, next_obs, done))
+        self.obs[tt, pos] = obs.to(self.obs.dtype)
+        self.next_obs[tt, pos] = next_obs.to(self.obs.dtype)
+        self.action[tt, pos] = action
+        self.reward[tt, pos] = reward
+        self.done[tt, pos] = done
+        self.cursor[tasks] = (self.cursor[tasks] + n) % self.capacity_per_task
+        self.total_added[tasks] += n
         self.size[tasks] = torch.clamp(self.total_added[tasks], max=self.capacity_per_task)
-        self.sample_counter += 1
+        self.sample_counter += n
 
     def state_dict(self):
         return {"storage": {k: getattr(self, k) for k in ("obs", "action", "reward", "next_obs", "done")},
@@ -66,10 +72,10 @@ class TinyReplay:
 
 def fill(replay, steps, gen, tasks=None):
     T = replay.num_tasks if tasks is None else len(tasks)
-    for _ in range(steps):
-        obs = torch.randn(T, *replay.obs.shape[2:], generator=gen)
-        replay.add(obs, torch.randn(T, *replay.action.shape[2:], generator=gen), torch.randn(T, 1, generator=gen),
-                   obs + 1, torch.rand(T, 1, generator=gen) < 0.1, tasks=tasks)
+    obs = torch.randn(steps, T, *replay.obs.shape[2:], generator=gen)
+    replay.add(obs, torch.randn(steps, T, *replay.action.shape[2:], generator=gen),
+               torch.randn(steps, T, 1, generator=gen), obs + 1, torch.rand(steps, T, 1, generator=gen) < 0.1,
+               tasks=tasks)
 
 
 def assert_same(a, b, where="state"):
@@ -413,7 +419,9 @@ def test_kill_9_while_writing_leaves_a_good_checkpoint(tmp_path, kill_at_fsync, 
     assert state["step"] in (1, 2)
     expected = TinyReplay(2, 20000, (39,), (4,))
     gen = torch.Generator().manual_seed(0)
-    fill(expected, 20000 + (500 if state["step"] == 2 else 0), gen)
+    fill(expected, 20000, gen)
+    if state["step"] == 2:
+        fill(expected, 500, gen)
     for k, v in checkpoint._flatten(expected.state_dict()).items():
         if k != ("sample_counter",):
             assert_same(v, checkpoint._flatten(replay.state_dict())[k], str(k))
