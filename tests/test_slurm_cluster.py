@@ -1,4 +1,5 @@
-"""Real SLURM jobs through submitit on the one-node test cluster (slurm/cluster.sh).
+"""Real SLURM jobs through submitit on the one-node test cluster (slurm/cluster.sh), and the Hydra launcher
+presets of config/hydra/launcher/ (composed offline, then a real multirun on the cluster).
 
 What the training jobs rely on: results come back, a requeued job restarts and resumes from the state it
 saved, a job whose time limit is shorter than its work gets the signal, checkpoints, is requeued and
@@ -10,18 +11,23 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import cloudpickle
 import pytest
 import submitit
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_fixtures import make_slurm_cluster_fixture, wait_until  # noqa: E402
 
-pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER_DIR = REPO / "config" / "hydra" / "launcher"
 
 # Also registered in conftest.py if the project does so; a module-level definition wins for this module.
 slurm_cluster = make_slurm_cluster_fixture()
@@ -106,6 +112,7 @@ def _ended(cluster, job_id: str):
 # ---------------------------------------------------------------- tests
 
 
+@pytest.mark.slurm
 def test_function_job_returns_its_value(slurm_cluster, tmp_path):
     job = _executor(tmp_path).submit(add, 2, 3)
     _done_within(job, 60, f"job {job.job_id} to finish")
@@ -115,6 +122,7 @@ def test_function_job_returns_its_value(slurm_cluster, tmp_path):
     assert wait_until(lambda: _ended(slurm_cluster, job.job_id), 30, "sacct to record the end") == ["COMPLETED"]
 
 
+@pytest.mark.slurm
 def test_requeued_checkpointable_job_resumes_from_saved_state(slurm_cluster, tmp_path):
     state_file = tmp_path / "counter.json"
     job = _executor(tmp_path).submit(Counter(), str(state_file), 30, 0.3)
@@ -132,6 +140,7 @@ def test_requeued_checkpointable_job_resumes_from_saved_state(slurm_cluster, tmp
     assert states[:-1] == ["REQUEUED"] and states[-1] == "COMPLETED", states
 
 
+@pytest.mark.slurm
 def test_time_limit_signals_checkpoints_requeues_and_completes(slurm_cluster, tmp_path):
     # 40 s of work under a 1 min limit whose signal is due 55 s before the end (slurmctld sends it on its
     # next periodic check, 5-35 s into the run): the first run is always cut short.
@@ -149,6 +158,7 @@ def test_time_limit_signals_checkpoints_requeues_and_completes(slurm_cluster, tm
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, states
 
 
+@pytest.mark.slurm
 def test_cancelled_job_is_reported_as_failed(slurm_cluster, tmp_path):
     job = _executor(tmp_path).submit(sleep_for, 600)
     wait_until(lambda: job.watcher.get_state(job.job_id, mode="force") == "RUNNING", 60, "the job to start")
@@ -159,3 +169,96 @@ def test_cancelled_job_is_reported_as_failed(slurm_cluster, tmp_path):
         job.result()
     # submitit gives a missing result file _results_timeout_s (15 s) to appear on shared file systems
     assert time.monotonic() - t0 < job._results_timeout_s + 10
+
+
+# ---------------------------------------------------------------- Hydra launcher presets
+
+
+def _toy_app(tmp_path: Path) -> Path:
+    """A minimal Hydra app whose search path includes the project's config/ (for hydra/launcher presets)."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            defaults:
+              - _self_
+            x: 0
+            hydra:
+              searchpath:
+                - file://{REPO / "config"}
+            """
+        )
+    )
+    app = tmp_path / "app.py"
+    app.write_text(
+        textwrap.dedent(
+            """
+            import os, pathlib
+            import hydra
+            from hydra.core.hydra_config import HydraConfig
+
+            @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+            def main(cfg):
+                out = pathlib.Path(HydraConfig.get().runtime.output_dir)
+                keys = ("SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "MUJOCO_GL", "OMP_NUM_THREADS")
+                (out / "job.txt").write_text(" ".join([str(cfg.x)] + [os.environ.get(k, "-") for k in keys]))
+
+            if __name__ == "__main__":
+                main()
+            """
+        )
+    )
+    return conf
+
+
+def _launcher_cfg(conf: Path, *overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    return cfg.hydra.launcher
+
+
+def test_launcher_presets_compose(tmp_path):
+    conf = _toy_app(tmp_path)
+    assert {p.name for p in LAUNCHER_DIR.glob("*.yaml")} >= {"slurm_gpu.yaml", "slurm_cpu.yaml"}
+    # a same-named file would shadow the plugin's structured config (and trigger its deprecated merging)
+    assert not (LAUNCHER_DIR / "submitit_slurm.yaml").exists()
+
+    gpu = _launcher_cfg(conf, "hydra/launcher=slurm_gpu")
+    assert gpu._target_.endswith("SlurmLauncher")
+    assert gpu.gpus_per_node == 1 and gpu.timeout_min >= 60
+    assert gpu.max_num_timeout > 0, "time-outs must requeue"
+    assert 0 < gpu.signal_delay_s < gpu.timeout_min * 60
+    assert gpu.additional_parameters.requeue is True
+    assert OmegaConf.to_container(gpu, resolve=False)["setup"][0] == "export MUJOCO_GL=egl"
+
+    site = _launcher_cfg(
+        conf,
+        "hydra/launcher=slurm_gpu",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=proj",
+        "hydra.launcher.qos=high",
+        "hydra.launcher.constraint=h100",
+    )
+    assert (site.partition, site.account, site.qos, site.constraint) == ("gpu", "proj", "high", "h100")
+
+    cpu = _launcher_cfg(conf, "hydra/launcher=slurm_cpu")
+    assert cpu.gpus_per_node is None and cpu.partition == "debug" and cpu.max_num_timeout > 0
+    assert cpu.signal_delay_s < cpu.timeout_min * 60
+
+    with pytest.raises(Exception, match="partiton"):  # typos fail: the plugin's schema still applies
+        _launcher_cfg(conf, "hydra/launcher=slurm_gpu", "hydra.launcher.partiton=gpu")
+
+
+@pytest.mark.slurm
+def test_multirun_with_cpu_preset_runs_on_the_cluster(slurm_cluster, tmp_path):
+    conf = _toy_app(tmp_path)
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(conf.parent / "app.py"), "-m", "x=1,2", "hydra/launcher=slurm_cpu"]
+    cmd += [f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=5"]
+    out = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    jobs = sorted((sweep / str(i) / "job.txt").read_text().split() for i in (0, 1))
+    assert [j[0] for j in jobs] == ["1", "2"]
+    for _, job_id, cpus, mujoco_gl, omp in jobs:
+        assert job_id != "-" and cpus == "1" and mujoco_gl == "osmesa" and omp == "1"
