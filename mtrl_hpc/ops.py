@@ -16,6 +16,26 @@ except ImportError as error:  # pragma: no cover - depends on the install
     ) from error
 
 # ---- replay buffer: fake kernels (csrc/replay) ----
+# replay_add / replay_sample write into their (a!)..(g!) arguments and return nothing: their fake kernels only
+# have to exist. Argument checks run in the real kernels (csrc/replay/replay_checks.h).
+
+
+@torch.library.register_fake("mtrl_hpc::replay_add")
+def _replay_add_fake(obs_store, action_store, reward_store, next_obs_store, not_done_store, added,
+                     obs, action, reward, next_obs, done, task_ids):
+    return None
+
+
+@torch.library.register_fake("mtrl_hpc::replay_sample")
+def _replay_sample_fake(obs_store, action_store, reward_store, next_obs_store, not_done_store, added, offsets,
+                        seed, counter, obs, action, reward, next_obs, not_done, task_ids, indices):
+    return None
+
+
+@torch.library.register_fake("mtrl_hpc::replay_philox")
+def _replay_philox_fake(counters, seed):
+    return torch.empty_like(counters)
+
 
 # ---- fused SAC losses: fake kernels and autograd (csrc/losses) ----
 # Autograd of these ops is registered in C++ (csrc/losses/losses_autograd.cpp, Autograd dispatch key): one

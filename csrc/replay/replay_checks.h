@@ -125,8 +125,20 @@ inline void check_add_inputs(const StoreInfo& s, const at::Tensor& obs_store, co
   column(done, "done", true);
   if (N == 0) return;
   // Range of the task ids. On the host this is free; for task ids on the GPU it costs one sync.
-  const auto mm = at::aminmax(task_ids);
-  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  int64_t lo = 0, hi = 0;
+  if (task_ids.is_cpu()) {
+    const at::Tensor ids = task_ids.contiguous();
+    const int64_t* p = ids.data_ptr<int64_t>();
+    lo = hi = p[0];
+    for (int64_t i = 1; i < N; ++i) {
+      lo = p[i] < lo ? p[i] : lo;
+      hi = p[i] > hi ? p[i] : hi;
+    }
+  } else {
+    const auto mm = at::aminmax(task_ids);
+    lo = std::get<0>(mm).item<int64_t>();
+    hi = std::get<1>(mm).item<int64_t>();
+  }
   TORCH_CHECK(lo >= 0 && hi < s.num_tasks, op, "(): task_ids must lie in [0, ", s.num_tasks, "), got values in [", lo,
               ", ", hi, "]");
 }

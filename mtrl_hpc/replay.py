@@ -1,0 +1,405 @@
+"""Task-stratified replay buffer, resident on the training device (thin face of csrc/replay).
+
+Storage: one tensor per field shaped ``[tasks, capacity_per_task, ...]`` on ``device`` (obs and next_obs in
+``obs_dtype``: float32, float16 or bfloat16; action, reward and not_done in float32). Each task is a ring
+buffer; ``added[t]`` counts the transitions ever written to task t, so its write cursor is
+``added[t] % capacity_per_task`` and its fill count ``min(added[t], capacity_per_task)``.
+
+``add`` writes one env step (one row per entry of ``task_ids``; repeated ids write consecutive ring slots in
+row order). ``done`` means *terminated*: pass ``terminated``, not ``terminated | truncated``; the buffer
+stores ``not_done = 1 - done``.
+
+``sample(batch_size, task_weights=None)`` returns a :class:`Batch` whose rows are grouped by task in
+ascending task order (task 0's rows first). Rules, in order:
+
+* **Eligible tasks.** Tasks that hold no data yet get 0 rows (with weights: so do tasks of weight 0). The
+  batch is spread over the eligible tasks only. Sampling raises ``ValueError`` when no task is eligible
+  ("no task has data yet" / "no task with data has a positive weight").
+* **Equal shares** (no weights). With ``n`` eligible tasks each gets ``batch_size // n`` rows; the
+  ``r = batch_size % n`` remaining rows go one each to ``r`` consecutive eligible tasks (ascending, wrapping)
+  starting at eligible position ``(sample_counter * r) % n``. The remainder thus rotates deterministically
+  and every task gets the same number of rows on average. When all tasks hold data and ``batch_size`` is a
+  multiple of ``num_tasks``, ``obs.view(num_tasks, batch_size // num_tasks, -1)`` is per task.
+* **Weights** (``task_weights``: ``num_tasks`` finite non-negative numbers, not necessarily normalised;
+  read on the host). Rows are apportioned by largest remainder: eligible task t gets
+  ``floor(B * w_t / W)`` rows (``W`` = total eligible weight) and the remaining rows go to the largest
+  fractional parts, ties to the lower task id.
+* **Rows within a task** are uniform over the task's filled rows ``[0, fill count)`` (after wrap-around
+  every row is filled). Batch row b of sample call number c draws ``Philox4x32-10(key = seed,
+  counter = (b low, b high, c low, c high))``; the first two output words form 64 bits ``r`` and the row is
+  ``floor(r * fill_count / 2**64)``. CPU and CUDA compute the same indices; ``sample_counter`` is part of the
+  state.
+
+The returned tensors are float32 (task_ids, indices int64; ``indices`` are rows within the task's storage)
+and are **reused by the next call of the same batch size**: clone what must outlive it. On CUDA, ``sample``
+does not synchronise with the host. ``add`` reads task ids on the host (task ids given as a CUDA tensor cost
+one sync).
+
+State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;
+``save_hdf5(group)`` / ``load_hdf5(group)`` with an open h5py group. Saving into a group that already holds a
+save of this buffer writes only the rows added since then (``last_save_rows`` tells how many rows per field).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from mtrl_hpc import ops  # noqa: F401  (registers torch.ops.mtrl_hpc.*)
+
+_MASK64 = (1 << 64) - 1
+_FORMAT = "mtrl_hpc.replay/1"
+_OBS_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_FIELDS = ("obs", "action", "reward", "next_obs", "not_done")
+
+
+class Batch(NamedTuple):
+    obs: torch.Tensor  # [B, *obs_shape] float32
+    action: torch.Tensor  # [B, *action_shape] float32
+    reward: torch.Tensor  # [B, 1] float32
+    next_obs: torch.Tensor  # [B, *obs_shape] float32
+    not_done: torch.Tensor  # [B, 1] float32 (0 where the episode terminated)
+    task_ids: torch.Tensor  # [B] int64, ascending
+    indices: torch.Tensor  # [B] int64, row within the task's storage
+
+
+def _signed64(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def _shape(value, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        value = (value,)
+    try:
+        shape = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a tuple of positive ints, got {value!r}") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {value!r}")
+    return shape
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class ReplayBuffer:
+    """Device-resident ring buffer per task with stratified Philox sampling; see the module docstring."""
+
+    def __init__(self, num_tasks: int, capacity_per_task: int, obs_shape: tuple, action_shape: tuple,
+                 device="cpu", seed: int = 0, obs_dtype: torch.dtype = torch.float32):
+        self.num_tasks = _positive_int(num_tasks, "num_tasks")
+        self.capacity_per_task = _positive_int(capacity_per_task, "capacity_per_task")
+        self.obs_shape = _shape(obs_shape, "obs_shape")
+        self.action_shape = _shape(action_shape, "action_shape")
+        if obs_dtype not in _OBS_DTYPES:
+            raise ValueError(f"obs_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {obs_dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.device = torch.device(device)
+        self.obs_dtype = obs_dtype
+        self.seed = int(seed) & _MASK64
+        self.sample_counter = 0
+        T, C, dev = self.num_tasks, self.capacity_per_task, self.device
+        self.obs = torch.zeros((T, C, *self.obs_shape), dtype=obs_dtype, device=dev)
+        self.next_obs = torch.zeros((T, C, *self.obs_shape), dtype=obs_dtype, device=dev)
+        self.action = torch.zeros((T, C, *self.action_shape), dtype=torch.float32, device=dev)
+        self.reward = torch.zeros((T, C), dtype=torch.float32, device=dev)
+        self.not_done = torch.zeros((T, C), dtype=torch.float32, device=dev)
+        self.added = torch.zeros(T, dtype=torch.int64, device=dev)
+        self._added_host = np.zeros(T, dtype=np.int64)  # host mirror of `added`: no device reads to plan a batch
+        self._uid = secrets.randbits(63)  # identifies this buffer's history in HDF5 groups (incremental saves)
+        self.last_save_rows = 0
+        self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._offsets: dict[tuple, torch.Tensor] = {}
+        self._eligible = np.zeros(0, dtype=np.int64)  # tasks holding data, ascending
+        self._add_op = torch.ops.mtrl_hpc.replay_add.default
+        self._sample_op = torch.ops.mtrl_hpc.replay_sample.default
+
+    # ---------------------------------------------------------------- writing
+    def _tensor(self, x, name: str) -> torch.Tensor:
+        """Inputs as tensors on the buffer's device; integers become float32 (floats and bools pass as they are:
+        the op converts while writing)."""
+        if isinstance(x, torch.Tensor):
+            if not (x.is_floating_point() or x.dtype in (torch.bool, torch.uint8) or x.is_complex()):
+                x = x.float()
+            return x if x.device == self.device else x.to(self.device, non_blocking=True)
+        if isinstance(x, np.ndarray) and x.dtype.kind == "i":
+            x = x.astype(np.float32)
+        if isinstance(x, np.ndarray) and self.device.type == "cpu" and x.dtype.kind in "fbu":
+            try:
+                return torch.from_numpy(x)
+            except (ValueError, TypeError):  # negative strides, non-native byte order
+                return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
+        try:
+            return torch.as_tensor(np.asarray(x), device=self.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"add(): {name} must be a tensor or numpy array, got {type(x).__name__}: {error}") from None
+
+    def add(self, obs, action, reward, next_obs, done, task_ids) -> None:
+        """Writes one row per entry of ``task_ids``: obs/next_obs [N, *obs_shape], action [N, *action_shape],
+        reward/done [N] (or [N, 1]); done = terminated only. Torch tensors or numpy arrays."""
+        if isinstance(task_ids, torch.Tensor):
+            ids_np = task_ids.detach().cpu().numpy()
+        else:
+            ids_np = np.asarray(task_ids)
+        if ids_np.dtype.kind not in "iu":
+            raise ValueError(f"add(): task_ids must hold integers (one task id per row), got dtype {ids_np.dtype}")
+        ids_np = np.ascontiguousarray(ids_np, dtype=np.int64)
+        ids = torch.from_numpy(ids_np)  # on the host: the op checks the range there without a device sync
+        self._add_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added,
+                     self._tensor(obs, "obs"), self._tensor(action, "action"), self._tensor(reward, "reward"),
+                     self._tensor(next_obs, "next_obs"), self._tensor(done, "done"), ids)
+        self._added_host += np.bincount(ids_np, minlength=self.num_tasks)  # ids were range-checked by the op
+        if len(self._eligible) < self.num_tasks:
+            self._refresh_eligible()
+
+    def _refresh_eligible(self) -> None:
+        eligible = np.flatnonzero(self._added_host > 0)
+        if len(eligible) != len(self._eligible):
+            self._eligible = eligible
+            self._offsets.clear()
+
+    # ---------------------------------------------------------------- sampling
+    def _outputs_for(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        out = self._outputs.get(batch_size)
+        if out is None:
+            B, dev, f32 = batch_size, self.device, torch.float32
+            out = (torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
+                   torch.empty((B, *self.action_shape), dtype=f32, device=dev),
+                   torch.empty((B, 1), dtype=f32, device=dev),
+                   torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
+                   torch.empty((B, 1), dtype=f32, device=dev),
+                   torch.empty(B, dtype=torch.int64, device=dev),
+                   torch.empty(B, dtype=torch.int64, device=dev))
+            self._outputs[batch_size] = out
+        return out
+
+    def _offsets_tensor(self, counts: np.ndarray) -> torch.Tensor:
+        offsets = np.zeros(self.num_tasks + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return torch.from_numpy(offsets).to(self.device)
+
+    def _equal_offsets(self, batch_size: int) -> torch.Tensor:
+        n = len(self._eligible)
+        if n == 0:
+            raise ValueError("sample(): no task has data yet; add transitions before sampling")
+        rem = batch_size % n
+        start = (self.sample_counter * rem) % n if rem else 0
+        key = (batch_size, start)
+        offsets = self._offsets.get(key)
+        if offsets is None:
+            counts = np.zeros(self.num_tasks, dtype=np.int64)
+            counts[self._eligible] = batch_size // n
+            counts[self._eligible[(start + np.arange(rem)) % n]] += 1
+            offsets = self._offsets[key] = self._offsets_tensor(counts)
+        return offsets
+
+    def task_counts(self, batch_size: int, task_weights=None) -> np.ndarray:
+        """Rows per task that the next ``sample(batch_size, task_weights)`` call will draw (host int64)."""
+        if task_weights is None:
+            offsets = self._equal_offsets(batch_size).cpu().numpy()
+            return np.diff(offsets)
+        return self._weighted_counts(batch_size, task_weights)
+
+    def _weighted_counts(self, batch_size: int, task_weights) -> np.ndarray:
+        if isinstance(task_weights, torch.Tensor):
+            task_weights = task_weights.detach().cpu().numpy()
+        try:
+            w = np.asarray(task_weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"sample(): task_weights must be {self.num_tasks} numbers, got {task_weights!r}") from None
+        if w.shape != (self.num_tasks,):
+            raise ValueError(f"sample(): task_weights must have shape ({self.num_tasks},) (one weight per task), "
+                             f"got {w.shape}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(f"sample(): task_weights must be finite and >= 0, got {w.tolist()}")
+        w = np.where(self._added_host > 0, w, 0.0)
+        total = w.sum()
+        if total <= 0:
+            if not np.any(self._added_host > 0):
+                raise ValueError("sample(): no task has data yet; add transitions before sampling")
+            raise ValueError("sample(): no task with data has a positive weight; give a positive weight to at least "
+                             f"one of the tasks holding data {np.flatnonzero(self._added_host > 0).tolist()}")
+        quota = batch_size * (w / total)
+        counts = np.floor(quota).astype(np.int64)
+        rest = batch_size - int(counts.sum())
+        if rest > 0:
+            order = np.lexsort((np.arange(self.num_tasks), -(quota - counts)))  # largest fraction, then lower id
+            counts[order[:rest]] += 1
+        return counts
+
+    def sample(self, batch_size: int, task_weights=None) -> Batch:
+        """Draws ``batch_size`` transitions grouped by task (ascending); see the module docstring for the rules."""
+        if type(batch_size) is not int:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+                raise ValueError(f"sample(): batch_size must be a positive int, got {batch_size!r}")
+            batch_size = int(batch_size)
+        if batch_size <= 0:
+            raise ValueError(f"sample(): batch_size must be a positive int, got {batch_size!r}")
+        if task_weights is None:
+            offsets = self._equal_offsets(batch_size)
+        else:
+            offsets = self._offsets_tensor(self._weighted_counts(batch_size, task_weights))
+        out = self._outputs_for(batch_size)
+        self._sample_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added, offsets,
+                        _signed64(self.seed), _signed64(self.sample_counter), *out)
+        self.sample_counter += 1
+        return Batch(*out)
+
+    # ---------------------------------------------------------------- size
+    def sizes(self) -> torch.Tensor:
+        """Per-task fill counts (CPU int64 tensor, from the host mirror: no device sync)."""
+        return torch.from_numpy(np.minimum(self._added_host, self.capacity_per_task))
+
+    def __len__(self) -> int:
+        return int(np.minimum(self._added_host, self.capacity_per_task).sum())
+
+    @property
+    def ready(self) -> bool:
+        """True once every task holds data (from then on equal shares cover all tasks)."""
+        return len(self._eligible) == self.num_tasks
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """The storage tensors themselves (no copies) and the counters; ``load_state_dict`` restores exactly."""
+        return {
+            "obs": self.obs, "action": self.action, "reward": self.reward, "next_obs": self.next_obs,
+            "not_done": self.not_done, "added": self.added,
+            "sample_counter": self.sample_counter, "seed": self.seed, "uid": self._uid,
+            "num_tasks": self.num_tasks, "capacity_per_task": self.capacity_per_task,
+        }
+
+    def _check_layout(self, where: str, num_tasks: int, capacity: int) -> None:
+        if (num_tasks, capacity) != (self.num_tasks, self.capacity_per_task):
+            raise ValueError(f"{where}: the saved buffer has {num_tasks} tasks x {capacity} rows but this one has "
+                             f"{self.num_tasks} x {self.capacity_per_task}; build the buffer with the saved sizes")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in (*_FIELDS, "added", "sample_counter", "seed") if k not in state]
+        if missing:
+            raise ValueError(f"load_state_dict(): missing keys {missing}")
+        self._check_layout("load_state_dict()", int(state.get("num_tasks", self.num_tasks)),
+                           int(state.get("capacity_per_task", self.capacity_per_task)))
+        for name in (*_FIELDS, "added"):
+            src, dst = state[name], getattr(self, name)
+            if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(dst.shape):
+                shape = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
+                raise ValueError(f"load_state_dict(): {name} must be a tensor of shape {tuple(dst.shape)}, got {shape}")
+        added = state["added"].detach().cpu().to(torch.int64)
+        if bool((added < 0).any()):
+            raise ValueError("load_state_dict(): added must be >= 0")
+        for name in (*_FIELDS, "added"):
+            src = state[name]
+            if src.data_ptr() != getattr(self, name).data_ptr():
+                getattr(self, name).copy_(src)
+        self._set_counters(added.numpy(), int(state["sample_counter"]), int(state["seed"]),
+                           int(state.get("uid", secrets.randbits(63))))
+
+    def _set_counters(self, added: np.ndarray, sample_counter: int, seed: int, uid: int) -> None:
+        self._added_host = np.array(added, dtype=np.int64)
+        self.sample_counter = sample_counter
+        self.seed = seed & _MASK64
+        self._uid = uid
+        self._eligible = np.zeros(0, dtype=np.int64)
+        self._offsets.clear()
+        self._refresh_eligible()
+
+    # ---------------------------------------------------------------- HDF5
+    def _disk_dtype(self):
+        return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[self.obs_dtype]
+
+    def _rows_numpy(self, name: str, t: int, start: int, stop: int) -> np.ndarray:
+        rows = getattr(self, name)[t, start:stop].detach()
+        if rows.dtype == torch.bfloat16:
+            rows = rows.view(torch.int16)
+        rows = rows.cpu().numpy()
+        return rows.view(np.uint16) if rows.dtype == np.int16 else rows
+
+    def _group_matches(self, group) -> bool:
+        a = group.attrs
+        try:
+            return (a.get("format") == _FORMAT and int(a["uid"]) == self._uid
+                    and int(a["num_tasks"]) == self.num_tasks and int(a["capacity_per_task"]) == self.capacity_per_task
+                    and tuple(a["obs_shape"]) == self.obs_shape and tuple(a["action_shape"]) == self.action_shape
+                    and a["obs_dtype"] == _OBS_DTYPES[self.obs_dtype]
+                    and all(name in group for name in (*_FIELDS, "added")))
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def save_hdf5(self, group) -> None:
+        """Saves into an open h5py group. If the group holds an earlier save of this buffer, only the rows written
+        since then are rewritten; otherwise the group's replay datasets are (re)created."""
+        T, C = self.num_tasks, self.capacity_per_task
+        added = self._added_host
+        if self._group_matches(group):
+            before = group["added"][...].astype(np.int64)
+        else:
+            for name in (*_FIELDS, "added"):
+                if name in group:
+                    del group[name]
+            shapes = {"obs": self.obs_shape, "next_obs": self.obs_shape, "action": self.action_shape,
+                      "reward": (), "not_done": ()}
+            for name, trailing in shapes.items():
+                dtype = self._disk_dtype() if name in ("obs", "next_obs") else np.float32
+                row_bytes = max(1, int(np.prod(trailing, dtype=np.int64)) * np.dtype(dtype).itemsize)
+                chunk_rows = max(1, min(C, (1 << 20) // row_bytes))
+                group.create_dataset(name, shape=(T, C, *trailing), dtype=dtype, chunks=(1, chunk_rows, *trailing),
+                                     fillvalue=0)
+            group.create_dataset("added", data=np.zeros(T, dtype=np.int64))
+            before = np.zeros(T, dtype=np.int64)
+        rows_written = 0
+        for t in range(T):
+            new = int(added[t] - before[t])
+            if new == 0:
+                continue
+            if new < 0 or new >= C:  # a diverged history or a whole lap: rewrite the filled rows
+                ranges = [(0, min(int(added[t]), C))]
+            else:  # slots before % C ... (added - 1) % C, at most two contiguous ranges
+                start, stop = int(before[t] % C), int(before[t] % C) + new
+                ranges = [(start, min(stop, C))] + ([(0, stop - C)] if stop > C else [])
+            for start, stop in ranges:
+                for name in _FIELDS:
+                    group[name][t, start:stop] = self._rows_numpy(name, t, start, stop)
+                rows_written += stop - start
+        group["added"][...] = added
+        a = group.attrs
+        a["format"] = _FORMAT
+        a["uid"] = np.int64(self._uid)
+        a["num_tasks"], a["capacity_per_task"] = T, C
+        a["obs_shape"], a["action_shape"] = np.array(self.obs_shape), np.array(self.action_shape)
+        a["obs_dtype"] = _OBS_DTYPES[self.obs_dtype]
+        a["seed"], a["sample_counter"] = np.uint64(self.seed), np.uint64(self.sample_counter & _MASK64)
+        self.last_save_rows = rows_written
+
+    def load_hdf5(self, group) -> None:
+        """Restores storage, fill counts, cursors and the RNG counter exactly from a group written by save_hdf5."""
+        a = group.attrs
+        if a.get("format") != _FORMAT:
+            raise ValueError(f"load_hdf5(): group {group.name!r} holds no replay buffer (format attribute "
+                             f"{a.get('format')!r}, expected {_FORMAT!r})")
+        self._check_layout("load_hdf5()", int(a["num_tasks"]), int(a["capacity_per_task"]))
+        for name, want in (("obs_shape", self.obs_shape), ("action_shape", self.action_shape)):
+            if tuple(int(v) for v in a[name]) != want:
+                raise ValueError(f"load_hdf5(): saved {name} is {tuple(a[name])} but this buffer has {want}")
+        saved_dtype = str(a["obs_dtype"])
+        dtypes = {v: k for k, v in _OBS_DTYPES.items()}
+        if saved_dtype not in dtypes:
+            raise ValueError(f"load_hdf5(): unknown obs_dtype {saved_dtype!r} in {group.name!r}")
+        added = group["added"][...].astype(np.int64)
+        for t in range(self.num_tasks):
+            for name in _FIELDS:
+                rows = group[name][t]
+                if name in ("obs", "next_obs") and saved_dtype == "bfloat16":
+                    src = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+                else:
+                    src = torch.from_numpy(rows)
+                getattr(self, name)[t].copy_(src)
+        self.added.copy_(torch.from_numpy(added))
+        self._set_counters(added, int(a["sample_counter"]), int(a["seed"]), int(a["uid"]))

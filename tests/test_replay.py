@@ -1,0 +1,514 @@
+"""Tests of the task-stratified replay buffer (mtrl_hpc/replay.py, csrc/replay).
+
+The sampling rule is reimplemented here in plain Python (Philox4x32-10 included, checked against Random123's
+known-answer vectors), and every batch of the compiled buffer must match it exactly.
+"""
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mtrl_hpc import ops  # noqa: F401
+from mtrl_hpc.replay import Batch, ReplayBuffer
+
+M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- Python reference of the rule
+def philox4x32_10(ctr, key):
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for i in range(10):
+        if i:
+            k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M32, p1 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
+    return c0, c1, c2, c3
+
+
+def ref_row(seed, counter, b, size):
+    x = philox4x32_10((b & M32, b >> 32, counter & M32, (counter >> 32) & M32), (seed & M32, (seed >> 32) & M32))
+    return ((x[0] | (x[1] << 32)) * size) >> 64
+
+
+def ref_counts(added_host, capacity, batch_size, counter, weights=None):
+    T = len(added_host)
+    has = [a > 0 for a in added_host]
+    if weights is None:
+        eligible = [t for t in range(T) if has[t]]
+        n = len(eligible)
+        counts = [0] * T
+        for t in eligible:
+            counts[t] = batch_size // n
+        rem = batch_size % n
+        start = (counter * rem) % n if rem else 0
+        for k in range(rem):
+            counts[eligible[(start + k) % n]] += 1
+        return counts
+    w = [float(weights[t]) if has[t] else 0.0 for t in range(T)]
+    total = sum(w)
+    quota = [batch_size * (x / total) for x in w]
+    counts = [math.floor(q) for q in quota]
+    rest = batch_size - sum(counts)
+    order = sorted(range(T), key=lambda t: (-(quota[t] - counts[t]), t))
+    for t in order[:rest]:
+        counts[t] += 1
+    return counts
+
+
+def ref_sample(rb, batch_size, weights=None):
+    """Task ids and row indices that the rule prescribes for rb's next sample call."""
+    added = rb.added.cpu().tolist()
+    C = rb.capacity_per_task
+    counts = ref_counts(added, C, batch_size, rb.sample_counter, weights)
+    tids, rows, b = [], [], 0
+    for t, n in enumerate(counts):
+        for _ in range(n):
+            tids.append(t)
+            rows.append(ref_row(rb.seed, rb.sample_counter, b, min(added[t], C)))
+            b += 1
+    return torch.tensor(tids, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- helpers
+def step(rng, T, obs_dim=5, act_dim=2, ids=None, dtype=np.float64):
+    ids = np.arange(T) if ids is None else np.asarray(ids)
+    n = len(ids)
+    return dict(obs=rng.standard_normal((n, obs_dim)).astype(dtype), action=rng.uniform(-1, 1, (n, act_dim)).astype(dtype),
+                reward=rng.standard_normal(n).astype(dtype), next_obs=rng.standard_normal((n, obs_dim)).astype(dtype),
+                done=rng.random(n) < 0.2, task_ids=ids)
+
+
+def filled(T=3, C=16, steps=10, seed=0, obs_dtype=torch.float32, obs_dim=5, act_dim=2):
+    rb = ReplayBuffer(T, C, (obs_dim,), (act_dim,), seed=seed, obs_dtype=obs_dtype)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        rb.add(**step(rng, T, obs_dim, act_dim))
+    return rb
+
+
+def check_batch_matches_storage(rb, batch):
+    t, i = batch.task_ids, batch.indices
+    assert torch.equal(batch.obs, rb.obs[t, i].float())
+    assert torch.equal(batch.next_obs, rb.next_obs[t, i].float())
+    assert torch.equal(batch.action, rb.action[t, i])
+    assert torch.equal(batch.reward[:, 0], rb.reward[t, i])
+    assert torch.equal(batch.not_done[:, 0], rb.not_done[t, i])
+
+
+def clone_batch(b):
+    return Batch(*(x.clone() for x in b))
+
+
+# ----------------------------------------------------------------------------- Philox
+KAT = [  # Random123 kat_vectors, philox4x32 10 rounds: counter, key -> output
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((M32, M32, M32, M32), (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,want", KAT)
+def test_philox_known_answers_python_and_compiled(ctr, key, want):
+    assert philox4x32_10(ctr, key) == want
+    seed = key[0] | (key[1] << 32)
+    seed = seed - (1 << 64) if seed >= 1 << 63 else seed
+    got = torch.ops.mtrl_hpc.replay_philox(torch.tensor([ctr], dtype=torch.int64), seed)
+    assert tuple(got[0].tolist()) == want
+
+
+def test_philox_compiled_matches_python_on_random_inputs():
+    rng = np.random.default_rng(1)
+    ctrs = rng.integers(0, 1 << 32, size=(64, 4), dtype=np.uint64).astype(np.int64)
+    for key in [(0, 0), (123, 456), (M32, 1)]:
+        seed = key[0] | (key[1] << 32)
+        got = torch.ops.mtrl_hpc.replay_philox(torch.from_numpy(ctrs), seed).tolist()
+        assert [tuple(r) for r in got] == [philox4x32_10(tuple(int(v) for v in c), key) for c in ctrs]
+
+
+# ----------------------------------------------------------------------------- add
+def test_add_writes_rings_per_task_and_wraps():
+    T, C = 2, 4
+    rb = ReplayBuffer(T, C, (3,), (1,))
+    for s in range(6):  # obs value encodes the step
+        rb.add(np.full((T, 3), s, dtype=np.float32) + np.arange(T)[:, None] * 100, np.zeros((T, 1)), np.full(T, s),
+               np.full((T, 3), -s), np.array([s == 5, False]), [0, 1])
+    assert rb.sizes().tolist() == [C, C]
+    assert rb.added.tolist() == [6, 6]
+    assert len(rb) == 2 * C
+    # slots 0, 1 were overwritten by steps 4, 5
+    assert rb.obs[0, :, 0].tolist() == [4, 5, 2, 3]
+    assert rb.obs[1, :, 0].tolist() == [104, 105, 102, 103]
+    assert rb.reward[0].tolist() == [4, 5, 2, 3]
+    assert rb.not_done[0].tolist() == [1, 0, 1, 1]
+    assert rb.not_done[1].tolist() == [1, 1, 1, 1]
+
+
+def test_add_repeated_ids_use_consecutive_slots_in_row_order():
+    rb = ReplayBuffer(3, 3, (1,), (1,))
+    ids = [0, 2, 0, 0, 0]  # task 0 gets four rows in a ring of three: the first is overwritten by the fourth
+    obs = np.arange(5, dtype=np.float32)[:, None]
+    rb.add(obs, obs, obs[:, 0], obs, np.zeros(5, bool), ids)
+    assert rb.added.tolist() == [4, 0, 1]
+    assert rb.obs[0, :, 0].tolist() == [4, 2, 3]
+    assert rb.obs[2, 0, 0].item() == 1
+    assert rb.sizes().tolist() == [3, 0, 1]
+
+
+def test_add_accepts_tensors_and_column_shapes():
+    rb = ReplayBuffer(2, 4, (2, 3), (2,))
+    rb.add(torch.ones(2, 2, 3), torch.ones(2, 2), torch.ones(2, 1), torch.ones(2, 2, 3), torch.tensor([[1.0], [0.0]]),
+           torch.tensor([1, 0]))
+    assert rb.not_done[:, 0].tolist() == [1, 0]
+    assert rb.sample(4).obs.shape == (4, 2, 3)
+
+
+# ----------------------------------------------------------------------------- sample: rule parity
+@pytest.mark.parametrize("batch_size", [1, 7, 30, 1280, 1283])
+def test_sample_matches_python_reference_exactly(batch_size):
+    rb = filled(T=10, C=50, steps=37, seed=3)
+    for _ in range(4):
+        tids, rows = ref_sample(rb, batch_size)
+        batch = rb.sample(batch_size)
+        assert torch.equal(batch.task_ids, tids)
+        assert torch.equal(batch.indices, rows)
+        check_batch_matches_storage(rb, batch)
+
+
+def test_sample_counts_per_task_exact_in_every_batch():
+    T, B = 10, 1280
+    rb = filled(T=T, C=100, steps=20)
+    for _ in range(20):
+        batch = rb.sample(B)
+        assert torch.bincount(batch.task_ids, minlength=T).tolist() == [B // T] * T
+        assert torch.equal(batch.task_ids, torch.arange(T).repeat_interleave(B // T))
+        per_task = batch.obs.view(T, B // T, -1)
+        assert torch.equal(per_task[3], rb.obs[3, batch.indices[3 * (B // T):4 * (B // T)]])
+
+
+def test_remainder_rotates_deterministically():
+    T, B = 4, 10  # 2 extra rows per call
+    rb = filled(T=T, C=8, steps=3)
+    totals = np.zeros(T, dtype=np.int64)
+    for c in range(4):
+        counts = torch.bincount(rb.sample(B).task_ids, minlength=T).numpy()
+        start = (c * 2) % T
+        want = np.full(T, 2)
+        want[[start, (start + 1) % T]] += 1
+        assert counts.tolist() == want.tolist()
+        totals += counts
+    assert totals.tolist() == [10] * T  # equal on average
+
+
+def test_only_filled_rows_are_drawn_before_and_after_wrap():
+    T, C = 3, 8
+    rb = ReplayBuffer(T, C, (1,), (1,), seed=5)
+    rng = np.random.default_rng(0)
+    rb.add(**step(rng, T, 1, 1))
+    rb.add(**step(rng, T, 1, 1))
+    rb.add(**step(rng, 1, 1, 1, ids=[1]))  # task 1 holds 3 rows, tasks 0 and 2 hold 2
+    for _ in range(50):
+        b = rb.sample(300)
+        limit = torch.tensor([2, 3, 2])[b.task_ids]
+        assert bool((b.indices < limit).all()) and bool((b.indices >= 0).all())
+    seen = set(rb.sample(3000).indices[rb.sample_counter * 0:].tolist())
+    assert seen <= set(range(3))
+    for _ in range(C + 3):  # wrap around
+        rb.add(**step(rng, T, 1, 1))
+    hits = torch.zeros(T, C)
+    for _ in range(30):
+        b = rb.sample(600)
+        hits.index_put_((b.task_ids, b.indices), torch.ones(600), accumulate=True)
+    assert bool((hits > 0).all())  # every row of every full ring is drawn
+
+
+def test_uniform_within_task_chi_square():
+    C, draws = 50, 200_000
+    rb = ReplayBuffer(1, C, (1,), (1,), seed=1234)
+    rng = np.random.default_rng(0)
+    for _ in range(C + 13):
+        rb.add(**step(rng, 1, 1, 1))
+    counts = torch.zeros(C, dtype=torch.int64)
+    for _ in range(draws // 2000):
+        counts += torch.bincount(rb.sample(2000).indices, minlength=C)
+    expected = draws / C
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    k = C - 1  # Wilson-Hilferty 0.999 quantile of chi-square(k)
+    crit = k * (1 - 2 / (9 * k) + 3.0902 * math.sqrt(2 / (9 * k))) ** 3
+    assert chi2 < crit, (chi2, crit)
+
+
+def test_weights_respected_and_zero_weight_tasks_skipped():
+    T = 4
+    rb = filled(T=T, C=32, steps=5)
+    for w in ([1, 0, 3, 0], [0.2, 0.2, 0.2, 0.4], np.array([5.0, 1, 1, 1]), torch.tensor([1.0, 1, 1, 0])):
+        wl = [float(x) for x in w]
+        tids, rows = ref_sample(rb, 101, wl)
+        b = rb.sample(101, task_weights=w)
+        assert torch.equal(b.task_ids, tids) and torch.equal(b.indices, rows)
+        counts = torch.bincount(b.task_ids, minlength=T).tolist()
+        for t in range(T):
+            assert abs(counts[t] - 101 * wl[t] / sum(wl)) < 1
+            if wl[t] == 0:
+                assert counts[t] == 0
+
+
+def test_empty_tasks_rule_and_errors():
+    rb = ReplayBuffer(3, 8, (2,), (1,))
+    with pytest.raises(ValueError, match="no task has data yet"):
+        rb.sample(6)
+    with pytest.raises(ValueError, match="no task has data yet"):
+        rb.sample(6, task_weights=[1, 1, 1])
+    rng = np.random.default_rng(0)
+    rb.add(**step(rng, 1, 2, 1, ids=[1]))
+    assert not rb.ready
+    b = rb.sample(6)  # only task 1 holds data: it gets the whole batch
+    assert b.task_ids.tolist() == [1] * 6 and b.indices.tolist() == [0] * 6
+    with pytest.raises(ValueError, match="no task with data has a positive weight"):
+        rb.sample(6, task_weights=[1, 0, 1])
+    rb.add(**step(rng, 1, 2, 1, ids=[2]))
+    assert torch.bincount(rb.sample(6).task_ids, minlength=3).tolist() == [0, 3, 3]
+    rb.add(**step(rng, 1, 2, 1, ids=[0]))
+    assert rb.ready
+    assert torch.bincount(rb.sample(6).task_ids, minlength=3).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_bad_batch_size(bad):
+    rb = filled()
+    with pytest.raises(ValueError, match="batch_size"):
+        rb.sample(bad)
+
+
+@pytest.mark.parametrize("w,msg", [([1, 1], "shape"), ([1, -1, 1], ">= 0"), ([1, float("nan"), 1], "finite"),
+                                   ("abc", "task_weights")])
+def test_bad_weights(w, msg):
+    rb = filled()
+    with pytest.raises(ValueError, match=msg):
+        rb.sample(8, task_weights=w)
+
+
+def test_same_seed_same_batches_and_counter_matters():
+    a, b, c = filled(seed=7), filled(seed=7), filled(seed=7)
+    c.seed = 8
+    for _ in range(5):
+        x, y, z = clone_batch(a.sample(64)), clone_batch(b.sample(64)), clone_batch(c.sample(64))
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+        assert not torch.equal(x.indices, z.indices)
+    assert not torch.equal(a.sample(64).indices.clone(), a.sample(64).indices.clone())
+
+
+def test_outputs_are_reused_between_calls():
+    rb = filled()
+    first = rb.sample(12)
+    second = rb.sample(12)
+    assert all(x.data_ptr() == y.data_ptr() for x, y in zip(first, second))
+    assert all(x.is_contiguous() for x in second)
+    assert second.reward.shape == (12, 1) and second.not_done.shape == (12, 1)
+
+
+@pytest.mark.parametrize("obs_dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_obs(obs_dtype):
+    rb = filled(obs_dtype=obs_dtype)
+    assert rb.obs.dtype == obs_dtype and rb.obs.element_size() == 2
+    src = np.random.default_rng(0).standard_normal((3, 5))
+    rb2 = ReplayBuffer(3, 4, (5,), (2,), obs_dtype=obs_dtype)
+    rb2.add(src, np.zeros((3, 2)), np.zeros(3), src, np.zeros(3, bool), [0, 1, 2])
+    assert torch.equal(rb2.obs[:, 0], torch.from_numpy(src).float().to(obs_dtype))
+    b = rb.sample(30)
+    assert b.obs.dtype == torch.float32
+    check_batch_matches_storage(rb, b)
+
+
+# ----------------------------------------------------------------------------- state
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in ("obs", "action", "reward", "next_obs", "not_done", "added"):
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    for k in ("sample_counter", "seed", "num_tasks", "capacity_per_task"):
+        assert sa[k] == sb[k], k
+    assert a.sizes().tolist() == b.sizes().tolist()
+
+
+def assert_same_future(a, b, weights=None):
+    for _ in range(3):
+        x, y = clone_batch(a.sample(40, weights)), clone_batch(b.sample(40, weights))
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+def test_state_dict_round_trip_is_exact():
+    a = filled(T=3, C=8, steps=11, seed=2**63 + 5)
+    a.sample(9)
+    a.sample(9)
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.state_dict().items()}
+    b = ReplayBuffer(3, 8, (5,), (2,), seed=0)
+    b.load_state_dict(state)
+    assert_same_state(a, b)
+    assert_same_future(a, b)
+
+
+def test_load_state_dict_rejects_wrong_layout():
+    a = filled(T=3, C=8)
+    with pytest.raises(ValueError, match="tasks"):
+        ReplayBuffer(4, 8, (5,), (2,)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="obs"):
+        ReplayBuffer(3, 8, (6,), (2,)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        ReplayBuffer(3, 8, (5,), (2,)).load_state_dict({"obs": a.obs})
+
+
+@pytest.mark.parametrize("obs_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hdf5_round_trip_is_exact(tmp_path, obs_dtype):
+    a = filled(T=3, C=8, steps=11, obs_dtype=obs_dtype)
+    a.sample(10)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        a.save_hdf5(f.create_group("replay"))
+    b = ReplayBuffer(3, 8, (5,), (2,), obs_dtype=obs_dtype, seed=99)
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        b.load_hdf5(f["replay"])
+    assert_same_state(a, b)
+    assert_same_future(a, b)
+
+
+def test_hdf5_incremental_saves_write_only_new_rows(tmp_path):
+    T, C = 3, 10
+    rng = np.random.default_rng(0)
+    a = ReplayBuffer(T, C, (4,), (2,), seed=3)
+    path = tmp_path / "r.h5"
+    for _ in range(4):
+        a.add(**step(rng, T, 4, 2))
+    with h5py.File(path, "w") as f:
+        a.save_hdf5(f.create_group("replay"))
+    assert a.last_save_rows == 4 * T
+    with h5py.File(path, "a") as f:
+        a.save_hdf5(f["replay"])
+        assert a.last_save_rows == 0  # nothing new
+    for rounds, new_rows in [(3, 3), (5, 5), (1, 1), (14, 10)]:  # crosses the wrap, then more than a lap
+        for _ in range(rounds):
+            a.add(**step(rng, T, 4, 2))
+        a.sample(7)
+        with h5py.File(path, "a") as f:
+            a.save_hdf5(f["replay"])
+        assert a.last_save_rows == new_rows * T
+        b = ReplayBuffer(T, C, (4,), (2,))
+        with h5py.File(path, "r") as f:
+            b.load_hdf5(f["replay"])
+        assert_same_state(a, b)
+    # A buffer restored from the file continues incrementally into the same group.
+    for _ in range(2):
+        b.add(**step(rng, T, 4, 2))
+    with h5py.File(path, "a") as f:
+        b.save_hdf5(f["replay"])
+    assert b.last_save_rows == 2 * T
+    c = ReplayBuffer(T, C, (4,), (2,))
+    with h5py.File(path, "r") as f:
+        c.load_hdf5(f["replay"])
+    assert_same_state(b, c)
+    assert_same_future(b, c)
+
+
+def test_hdf5_other_buffer_in_group_is_fully_rewritten(tmp_path):
+    a, b = filled(T=2, C=6, steps=3, seed=1), filled(T=2, C=6, steps=9, seed=2)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        g = f.create_group("replay")
+        a.save_hdf5(g)
+        b.save_hdf5(g)  # another history: no incremental shortcut
+        assert b.last_save_rows == 2 * 6
+        c = ReplayBuffer(2, 6, (5,), (2,))
+        c.load_hdf5(g)
+    assert_same_state(b, c)
+
+
+def test_load_hdf5_rejects_wrong_group(tmp_path):
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        g = f.create_group("nothing")
+        with pytest.raises(ValueError, match="holds no replay buffer"):
+            ReplayBuffer(2, 6, (5,), (2,)).load_hdf5(g)
+        filled(T=2, C=6).save_hdf5(f.create_group("replay"))
+        with pytest.raises(ValueError, match="tasks"):
+            ReplayBuffer(3, 6, (5,), (2,)).load_hdf5(f["replay"])
+
+
+# ----------------------------------------------------------------------------- argument checks
+def test_add_errors_name_the_argument():
+    rb = ReplayBuffer(3, 4, (5,), (2,))
+    good = step(np.random.default_rng(0), 3)
+    cases = [
+        (dict(task_ids=[0, 1, 3]), "task_ids must lie in \\[0, 3\\)"),
+        (dict(task_ids=[0, -1, 2]), "task_ids must lie"),
+        (dict(task_ids=[0.0, 1.0, 2.0]), "task_ids must hold integers"),
+        (dict(obs=np.zeros((3, 4))), "obs must have shape"),
+        (dict(next_obs=np.zeros((2, 5))), "next_obs must have shape"),
+        (dict(action=np.zeros((3, 2), dtype=np.complex64)), "action must be a floating tensor"),
+        (dict(reward=np.zeros((3, 2))), "reward must have shape"),
+        (dict(done=np.zeros(4, bool)), "done must have shape"),
+        (dict(obs=torch.zeros(3, 5, dtype=torch.complex64)), "obs must be a floating tensor"),
+    ]
+    for change, msg in cases:
+        with pytest.raises((RuntimeError, ValueError), match=msg):
+            rb.add(**{**good, **change})
+    assert rb.added.tolist() == [0, 0, 0]  # nothing was written by a rejected call
+
+
+def test_sample_op_errors_name_the_argument():
+    rb = filled(T=2, C=4)
+    out = list(rb._outputs_for(4))
+    offsets = torch.tensor([0, 2, 4])
+    store = [rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added]
+    op = torch.ops.mtrl_hpc.replay_sample
+    op(*store, offsets, 0, 0, *out)
+    bad = [  # position in the argument list: 6 offsets, 9.. outputs obs, action, reward, next_obs, not_done, ...
+        (6, torch.tensor([0, 2, 3]), "offsets must start at 0 and end at the batch size"),
+        (6, torch.tensor([0, 5, 4]), "offsets must be non-decreasing"),
+        (6, torch.tensor([0, 2]), "offsets must be \\[num_tasks \\+ 1\\]"),
+        (9, torch.zeros(4, 5, dtype=torch.float64), "output obs must be Float"),
+        (11, torch.zeros(4, 2), "output reward must have shape \\[B, 1\\]"),
+        (15, torch.zeros(4, dtype=torch.int32), "output indices must be Long"),
+    ]
+    for pos, value, msg in bad:
+        args = [*store, offsets, 0, 0, *out]
+        args[pos] = value
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+    empty = ReplayBuffer(2, 4, (5,), (2,))
+    empty.add(**step(np.random.default_rng(0), 1, ids=[0]))
+    with pytest.raises(RuntimeError, match="task 1 is asked for 2 rows but holds no data"):
+        op(empty.obs, empty.action, empty.reward, empty.next_obs, empty.not_done, empty.added, offsets, 0, 0, *out)
+    with pytest.raises(RuntimeError, match="next_obs_store"):
+        op(rb.obs, rb.action, rb.reward, rb.next_obs[:, :2], rb.not_done, rb.added, offsets, 0, 0, *out)
+
+
+def test_constructor_errors():
+    for kwargs, msg in [(dict(num_tasks=0), "num_tasks"), (dict(capacity_per_task=-1), "capacity_per_task"),
+                        (dict(obs_shape=(0,)), "obs_shape"), (dict(action_shape="x"), "action_shape"),
+                        (dict(obs_dtype=torch.float64), "obs_dtype"), (dict(seed=1.5), "seed")]:
+        args = {**dict(num_tasks=2, capacity_per_task=4, obs_shape=(3,), action_shape=(1,)), **kwargs}
+        with pytest.raises(ValueError, match=msg):
+            ReplayBuffer(**args)
+
+
+# ----------------------------------------------------------------------------- torch.library
+def test_opcheck_and_compile():
+    rb = filled(T=2, C=4)
+    out = list(rb._outputs_for(4))
+    offsets = torch.tensor([0, 2, 4])
+    torch.library.opcheck(torch.ops.mtrl_hpc.replay_sample.default,
+                          (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added, offsets, 1, 2, *out))
+    g = step(np.random.default_rng(0), 2)
+    args = (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added,
+            *(torch.from_numpy(np.asarray(g[k])) for k in ("obs", "action", "reward", "next_obs", "done", "task_ids")))
+    torch.library.opcheck(torch.ops.mtrl_hpc.replay_add.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def draw(obs_store, action_store, reward_store, next_store, nd_store, added, offsets, o, a, r, no, nd, t, i):
+        torch.ops.mtrl_hpc.replay_sample(obs_store, action_store, reward_store, next_store, nd_store, added, offsets,
+                                         1, 2, o, a, r, no, nd, t, i)
+        return o.sum(1) * nd[:, 0]
+
+    got = draw(rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added, offsets, *out)
+    assert torch.equal(got, rb.obs[out[5], out[6]].sum(1) * rb.not_done[out[5], out[6]])
