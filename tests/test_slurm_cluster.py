@@ -262,3 +262,53 @@ def test_multirun_with_cpu_preset_runs_on_the_cluster(slurm_cluster, tmp_path):
     assert [j[0] for j in jobs] == ["1", "2"]
     for _, job_id, cpus, mujoco_gl, omp in jobs:
         assert job_id != "-" and cpus == "1" and mujoco_gl == "osmesa" and omp == "1"
+
+
+# ---------------------------------------------------------------- slurm/train.sbatch
+
+# Stands in for `python -m mtrl_hpc.main` with the contract train.sbatch relies on: on USR1/TERM write a
+# checkpoint and exit 3; resume from the checkpoint in hydra.run.dir. Its first attempt has more work than
+# the time limit allows; once resumed it finishes after a few steps.
+FAKE_TRAINER = """
+import pathlib, signal, sys, time
+args = sys.argv[1:]
+assert args[:2] == ["-m", "mtrl_hpc.main"], args
+run_dir = pathlib.Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
+ckpt = run_dir / "checkpoint.txt"
+stop = []
+signal.signal(signal.SIGUSR1, lambda s, f: stop.append(s))
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+step = int(ckpt.read_text()) if ckpt.exists() else 0
+resumed_at = step
+(run_dir / "args.txt").write_text("\\n".join(args))
+while not (resumed_at and step >= resumed_at + 5):
+    if stop:
+        ckpt.write_text(str(step))
+        sys.exit(3)
+    time.sleep(0.2)
+    step += 1
+(run_dir / "finished.txt").write_text(f"{resumed_at} {step}")
+"""
+
+
+@pytest.mark.slurm
+def test_train_sbatch_requeues_on_time_limit_and_resumes(slurm_cluster, tmp_path):
+    stub = tmp_path / "fake_trainer.py"
+    stub.write_text(FAKE_TRAINER)
+    run_dir = tmp_path / "run"
+    env = {**slurm_cluster.env, "PYTHON": f"{sys.executable} {stub}", "RUN_DIR": str(run_dir)}
+    # the GPU defaults of the script are overridden for the CPU test cluster; signal due at 5 s
+    cmd = ["sbatch", "--parsable", "--time=1", "--signal=B:USR1@55", "--cpus-per-task=1", "--mem=500M"]
+    cmd += ["--gpus-per-node=0", f"--output={tmp_path}/%x-%j.out", f"--chdir={tmp_path}"]
+    cmd += [str(REPO / "slurm" / "train.sbatch"), "setup.seed=7"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    states = wait_until(lambda: _ended(slurm_cluster, job_id), 150, f"train.sbatch job {job_id} to end")
+    log = (run_dir / "slurm-attempts.log").read_text()
+    assert states[-1] == "COMPLETED" and "REQUEUED" in states, (states, log)
+    assert "got USR1" in log and "requeueing" in log and "restart 1" in log, log
+    resumed_at, final = map(int, (run_dir / "finished.txt").read_text().split())
+    assert resumed_at > 0 and final == resumed_at + 5
+    args = (run_dir / "args.txt").read_text().splitlines()
+    assert "experiment.should_resume=True" in args and f"hydra.run.dir={run_dir}" in args and args[-1] == "setup.seed=7"
