@@ -232,6 +232,8 @@ def test_truncation_at_max_episode_steps(max_episode_steps):
     env.reset()
     assert not env.step(action).truncated[0]
     env.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset()
 
 
 def test_truncation_is_shared_by_all_tasks(mt10):

@@ -11,6 +11,8 @@ def make_env(name: str, seed: int, mode: str, **kwargs):
 
     kwargs go to `MetaWorldMultiTaskEnv` (task_name, max_episode_steps, reward_function_version).
     `benchmark` and `num_envs` from the env config are accepted and checked against `name`.
+    Build the evaluation env (mode "eval") with the training env's seed: the goals depend on it,
+    and the second env of the same benchmark and seed reuses the first one's goal lists.
     """
     if name not in _BENCHMARK_OF:
         raise ValueError(f"unknown env {name!r}; valid: {', '.join(ENV_NAMES)}")

@@ -198,6 +198,8 @@ class MetaWorldMultiTaskEnv:
 
     def reset(self) -> np.ndarray:
         """Start a new episode in every task; returns obs [num_tasks, obs_dim] float32."""
+        if not self._envs:
+            raise RuntimeError("the env is closed")
         if self.mode == "train":
             goal_idx = self._goal_rng.integers(0, self._num_goals)
         else:
