@@ -60,7 +60,9 @@ volumes=()
 pip_conf=$WORK/pip.conf
 {
     echo "[global]"
-    python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.\([a-z-]*\)='\(.*\)'$/\1 = \2/p" | sort -u -t= -k1,1
+    # indexes, wheel directories and constraints only (the image has its own CA bundle)
+    python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.\([a-z-]*\)='\(.*\)'$/\1 = \2/p" \
+        | grep -E '^(index-url|extra-index-url|find-links|constraint) ' | sort -u -t= -k1,1
 } >"$pip_conf"
 volumes+=(--volume "$pip_conf:/etc/pip.conf:ro")
 for dir in $(grep -o -E "(file://)?/[^ ']+" "$pip_conf" | sed 's|^file://||' | sort -u); do
@@ -72,7 +74,7 @@ log "pip configuration for the build: $(grep -c = "$pip_conf") settings, ${#volu
 # 3. Build the project image on that base with the CPU torch.
 phase "building $IMAGE"
 build_start=$SECONDS
-podman build --isolation chroot --network host "${volumes[@]}" \
+podman build --isolation chroot --format docker --network host "${volumes[@]}" \
     --build-arg BASE_IMAGE="$BASE" \
     --build-arg TORCH_VERSION="$TORCH_VERSION" \
     --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
