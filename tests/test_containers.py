@@ -142,8 +142,7 @@ def test_apptainer_def_parses():
     # every file Apptainer copies in must exist in the repository
     for line in recipe.files:
         src = line.split()[0]
-        if src != "README.md":  # the project README; pyproject.toml needs it too
-            assert (REPO / src).exists(), f"%files copies {src}, which is not in the repository"
+        assert (REPO / src).exists(), f"%files copies {src}, which is not in the repository"
 
 
 def test_images_share_base_and_build_args():
