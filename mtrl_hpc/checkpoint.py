@@ -235,6 +235,9 @@ def _makedirs(path: pathlib.Path) -> None:
                 p.mkdir()
             except FileExistsError:
                 continue
+            except OSError as e:
+                raise CheckpointError(f"cannot create the checkpoint directory {p} ({e}); check the run directory's "
+                                      "path and permissions") from None
             os.chmod(p, DIR_MODE)
 
 

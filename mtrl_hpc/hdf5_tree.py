@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import os
 from typing import Any
 
 import h5py
@@ -98,7 +99,15 @@ class Digest:
     Large byte buffers are hashed in a worker thread (hashlib releases the GIL), overlapping with HDF5 I/O.
     """
 
-    _pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl_hpc-digest")
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _pool_pid = -1
+
+    @classmethod
+    def _executor(cls) -> concurrent.futures.ThreadPoolExecutor:
+        if cls._pool is None or cls._pool_pid != os.getpid():  # a forked child has no worker thread: make one
+            cls._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl_hpc-digest")
+            cls._pool_pid = os.getpid()
+        return cls._pool
 
     def __init__(self, skip_attrs=()):
         self.skip_attrs = tuple(skip_attrs)
@@ -111,7 +120,7 @@ class Digest:
             chunks = [_read_dataset_bytes(obj)]
         chunks = list(chunks or [])
         if sum(memoryview(c).nbytes for c in chunks) > (1 << 20):
-            self._objects[path] = self._pool.submit(_hash_chunks, header, chunks)
+            self._objects[path] = self._executor().submit(_hash_chunks, header, chunks)
         else:
             self._objects[path] = _hash_chunks(header, chunks)
 
