@@ -31,7 +31,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/venv \
-    && pip install setuptools==84.2.1 ninja==1.13.2 pybind11==3.1.0 \
+    && pip install setuptools==80.9.0 ninja==1.13.2 pybind11==3.1.0 \
     && pip install "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /opt/mtrl_hpc

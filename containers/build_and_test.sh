@@ -60,12 +60,17 @@ volumes=()
 pip_conf=$WORK/pip.conf
 {
     echo "[global]"
-    # indexes, wheel directories and constraints only (the image has its own CA bundle)
+    # indexes, wheel directories and constraints; the CA bundle (e.g. for a TLS-intercepting proxy) is
+    # mounted at its own path so that the image's ca-certificates package still installs normally
     python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.\([a-z-]*\)='\(.*\)'$/\1 = \2/p" \
         | grep -E '^(index-url|extra-index-url|find-links|constraint) ' | sort -u -t= -k1,1
+    host_ca=$(python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.cert='\(.*\)'$/\1/p" | head -1)
+    host_ca=${host_ca:-${PIP_CERT:-}}
+    [[ -n $host_ca && -f $host_ca ]] && echo "cert = /run/host-ca.crt"
 } >"$pip_conf"
 volumes+=(--volume "$pip_conf:/etc/pip.conf:ro")
-for dir in $(grep -o -E "(file://)?/[^ ']+" "$pip_conf" | sed 's|^file://||' | sort -u); do
+[[ -n ${host_ca:-} && -f $host_ca ]] && volumes+=(--volume "$host_ca:/run/host-ca.crt:ro")
+for dir in $(grep -v '^cert' "$pip_conf" | grep -o -E "(file://)?/[^ ']+" | sed 's|^file://||' | sort -u); do
     [[ -f $dir ]] && dir=$(dirname "$dir")
     [[ -d $dir ]] && volumes+=(--volume "$dir:$dir:ro")
 done
