@@ -29,10 +29,11 @@ struct Strided {
   MTRL_HD T operator[](int64_t i) const { return data[i * stride]; }
 };
 
-// torch.minimum semantics: NaN propagates.
+// torch.minimum semantics: NaN propagates. Written as selects (no branches: random data mispredicts).
 template <typename T>
 MTRL_HD inline T min_nan(T a, T b) {
-  return (a < b || a != a) ? a : b;
+  const T m = b < a ? b : a;  // a if a is NaN
+  return b != b ? b : m;
 }
 
 // ---- critic: y = r + not_done * discount * (target_q - alpha * next_log_prob), loss_t = mean (q1-y)^2 +
@@ -65,12 +66,12 @@ MTRL_HD inline T actor_row_loss(T alpha, T log_prob, T q1, T q2) {
 // all, ties split it half/half (a NaN row passes the full gradient to both sides).
 template <typename T>
 MTRL_HD inline T min_share_first(T q1, T q2) {
-  return q1 == q2 ? T(0.5) : (q1 > q2 ? T(0) : T(1));
+  return T(1) - T(q1 > q2) - T(0.5) * T(q1 == q2);
 }
 
 template <typename T>
 MTRL_HD inline T min_share_second(T q1, T q2) {
-  return q1 == q2 ? T(0.5) : (q1 < q2 ? T(0) : T(1));
+  return T(1) - T(q1 < q2) - T(0.5) * T(q1 == q2);
 }
 
 // ---- temperature: loss_t = -log_alpha[k(t)] * mean(log_prob + target_entropy); log_prob detached.

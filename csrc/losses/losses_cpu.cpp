@@ -1,4 +1,4 @@
-// CPU kernels of the fused per-task SAC losses: one pass over the rows accumulating per-task sums (in row
+// CPU kernels of the fused per-task SAC losses: one pass over the rows accumulating per-task sums (in a fixed
 // order, so results are deterministic), the per-row math from losses.h. Single-threaded: at the batch sizes
 // of SAC (about 10^3 rows) a thread pool costs more than the loop.
 #include <ATen/Dispatch.h>
@@ -44,6 +44,28 @@ Counts count_rows(const char* op, const Tensor& task_ids, int64_t rows, int64_t 
   return n;
 }
 
+// Adds row_value(i, t) of every row to sum[t] (and counts it in n[t]), task ids checked. Rows usually arrive
+// grouped by task, so each run of equal ids is summed in a register first: no dependency through memory.
+template <typename F>
+void per_task_sums(const char* op, const Tensor& task_ids, int64_t rows, int64_t num_tasks, Sums& sum, Counts& n,
+                   F&& row_value) {
+  const int64_t* ids = task_ids.const_data_ptr<int64_t>();
+  const int64_t s = task_ids.stride(0);
+  int64_t i = 0;
+  while (i < rows) {
+    const int64_t t = task_of(op, ids, s, i, num_tasks);
+    double acc = 0.0;
+    int64_t j = i;
+    do {
+      acc += static_cast<double>(row_value(j, t));
+      ++j;
+    } while (j < rows && ids[j * s] == t);
+    sum[t] += acc;
+    n[t] += j - i;
+    i = j;
+  }
+}
+
 // ---- critic ----
 
 Tensor critic_loss_cpu(const Tensor& q1, const Tensor& q2, const Tensor& target_q, const Tensor& next_log_prob,
@@ -59,17 +81,13 @@ Tensor critic_loss_cpu(const Tensor& q1, const Tensor& q2, const Tensor& target_
     const Strided<S> a = strided<S>(q1), b = strided<S>(q2), tq = strided<S>(target_q),
                      nlp = strided<S>(next_log_prob), r = strided<S>(reward), nd = strided<S>(not_done);
     const Strided<S> w = weights_or_ones<S>(task_weights);
-    const int64_t* ids = task_ids.const_data_ptr<int64_t>();
-    const int64_t ids_s = task_ids.stride(0);
     const S gamma = static_cast<S>(discount);
     Sums sum(num_tasks, 0.0);
     Counts n(num_tasks, 0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t t = task_of(op, ids, ids_s, i, num_tasks);
+    per_task_sums(op, task_ids, rows, num_tasks, sum, n, [&](int64_t i, int64_t t) {
       const S y = bellman_target(r[i], nd[i], gamma, tq[i], alpha[t], nlp[i]);
-      sum[t] += static_cast<double>(critic_row_loss(a[i], b[i], y));
-      ++n[t];
-    }
+      return critic_row_loss(a[i], b[i], y);
+    });
     S* o = out.mutable_data_ptr<S>();
     for (int64_t t = 0; t < num_tasks; ++t) o[t] = static_cast<S>(static_cast<double>(w[t]) * task_mean(sum[t], n[t]));
   });
@@ -124,15 +142,10 @@ Tensor actor_loss_cpu(const Tensor& log_prob, const Tensor& q1_pi, const Tensor&
     const auto alpha = alphas<S>(log_alpha, num_tasks);
     const Strided<S> lp = strided<S>(log_prob), a = strided<S>(q1_pi), b = strided<S>(q2_pi);
     const Strided<S> w = weights_or_ones<S>(task_weights);
-    const int64_t* ids = task_ids.const_data_ptr<int64_t>();
-    const int64_t ids_s = task_ids.stride(0);
     Sums sum(num_tasks, 0.0);
     Counts n(num_tasks, 0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t t = task_of(op, ids, ids_s, i, num_tasks);
-      sum[t] += static_cast<double>(actor_row_loss(alpha[t], lp[i], a[i], b[i]));
-      ++n[t];
-    }
+    per_task_sums(op, task_ids, rows, num_tasks, sum, n,
+                  [&](int64_t i, int64_t t) { return actor_row_loss(alpha[t], lp[i], a[i], b[i]); });
     S* o = out.mutable_data_ptr<S>();
     for (int64_t t = 0; t < num_tasks; ++t) o[t] = static_cast<S>(static_cast<double>(w[t]) * task_mean(sum[t], n[t]));
   });
@@ -178,16 +191,11 @@ template <typename S>
 Sums temperature_means(const char* op, const Tensor& log_prob, const Tensor& task_ids, double target_entropy, int64_t rows,
                        int64_t num_tasks) {
   const Strided<S> lp = strided<S>(log_prob);
-  const int64_t* ids = task_ids.const_data_ptr<int64_t>();
-  const int64_t ids_s = task_ids.stride(0);
   const S te = static_cast<S>(target_entropy);
   Sums sum(num_tasks, 0.0);
   Counts n(num_tasks, 0);
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t t = task_of(op, ids, ids_s, i, num_tasks);
-    sum[t] += static_cast<double>(temperature_row_term(lp[i], te));
-    ++n[t];
-  }
+  per_task_sums(op, task_ids, rows, num_tasks, sum, n,
+                [&](int64_t i, int64_t) { return temperature_row_term(lp[i], te); });
   for (int64_t t = 0; t < num_tasks; ++t) sum[t] = task_mean(sum[t], n[t]);
   return sum;
 }
