@@ -77,14 +77,20 @@ def _attr_bytes(value) -> bytes:
     return b"n" + arr.dtype.str.encode() + repr(arr.shape).encode() + arr.tobytes()
 
 
-def _object_header(path: str, obj, skip_attrs=()) -> bytes:
+def _object_header(path: str, obj, skip_attrs=(), known=None) -> bytes:
+    """Path, attributes, dtype and shape of an object; ``known`` = (attrs, dtype, shape) that the writer just
+    wrote (saves reading them back; identical bytes, since attributes are compared in canonical form)."""
     parts = [b"P", path.encode("utf-8")]
-    for name in sorted(obj.attrs.keys()):
-        if name in skip_attrs:
-            continue
-        parts += [b"A", name.encode("utf-8"), _attr_bytes(obj.attrs[name])]
-    if isinstance(obj, h5py.Dataset):
-        parts += [b"D", obj.dtype.str.encode(), repr(obj.shape).encode()]
+    if known is not None:
+        attrs, dtype, shape = known
+    else:
+        attrs = {name: obj.attrs[name] for name in obj.attrs.keys() if name not in skip_attrs}
+        is_ds = isinstance(obj, h5py.Dataset)
+        dtype, shape = (obj.dtype, obj.shape) if is_ds else (None, None)
+    for name in sorted(attrs):
+        parts += [b"A", name.encode("utf-8"), _attr_bytes(attrs[name])]
+    if dtype is not None:
+        parts += [b"D", np.dtype(dtype).str.encode(), repr(shape).encode()]
     return b"\0".join(parts)
 
 
@@ -113,9 +119,10 @@ class Digest:
         self.skip_attrs = tuple(skip_attrs)
         self._objects: dict[str, Any] = {}
 
-    def add(self, path: str, obj, chunks=None):
-        """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays)."""
-        header = _object_header(path, obj, self.skip_attrs)
+    def add(self, path: str, obj, chunks=None, known=None):
+        """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays);
+        ``known``: (attrs, dtype or None, shape or None) as just written."""
+        header = _object_header(path, obj, self.skip_attrs, known)
         if isinstance(obj, h5py.Dataset) and chunks is None:
             chunks = [_read_dataset_bytes(obj)]
         chunks = list(chunks or [])
@@ -183,11 +190,12 @@ def write_tree(group: h5py.Group, tree: dict, digest: Digest | None = None, _pat
 
 def _dataset(group, name, data, kind, digest, path, chunks=None, **attrs):
     ds = group.create_dataset(name, data=data)
-    ds.attrs[KIND] = kind
+    attrs = {KIND: kind, **attrs}
     for k, v in attrs.items():
         ds.attrs[k] = v
     if digest is not None:
-        digest.add(path, ds, [data_chunk(data)] if chunks is None else chunks)
+        data = np.asarray(data)
+        digest.add(path, ds, [data_chunk(data)] if chunks is None else chunks, known=(attrs, data.dtype, data.shape))
     return ds
 
 
@@ -210,7 +218,7 @@ def _write_node(group, name, value, digest, path, key):
         sub = group.create_group(name, track_order=True)
         write_tree(sub, value, digest, path)
         if digest is not None:
-            digest.add(path, sub, [])
+            digest.add(path, sub, [], known=({KIND: "dict"}, None, None))
         return
     if isinstance(value, (list, tuple)):
         container = "list" if isinstance(value, list) else "tuple"
@@ -226,7 +234,7 @@ def _write_node(group, name, value, digest, path, key):
         for i, item in enumerate(value):
             _write_node(sub, str(i), item, digest, f"{path}/{i}", i)
         if digest is not None:
-            digest.add(path, sub, [])
+            digest.add(path, sub, [], known=({KIND: container, "length": len(value)}, None, None))
         return
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided:
