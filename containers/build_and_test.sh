@@ -5,7 +5,7 @@
 #
 #   containers/build_and_test.sh [WORK_DIR]     (default /var/tmp/mtrl-hpc-containers; run as root)
 #
-# Environment: TORCH_VERSION (2.13.0), TORCH_INDEX_URL (https://download.pytorch.org/whl/cpu),
+# Environment: TORCH_VERSION (2.13.0), TORCH_INDEX_URL (a local file:// index, else PyTorch's CPU index),
 # MAX_JOBS (2), IMAGE (localhost/mtrl-hpc:cpu), BASE (localhost/mtrl-hpc-base:bookworm),
 # DEBIAN_MIRROR (http://deb.debian.org/debian), REBUILD_BASE=1 to bootstrap the base again,
 # PYTEST_ARGS ("-x -q"). The machine's pip configuration (indexes, find-links, constraints) and the local
@@ -15,7 +15,9 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${1:-/var/tmp/mtrl-hpc-containers}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
+# default: the host's first local (file://) pip index when there is one, else PyTorch's CPU index
+local_index=$(python3 -m pip config list 2>/dev/null | grep -o -E "file://[^ ']+" | head -1 || true)
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-${local_index:-https://download.pytorch.org/whl/cpu}}
 MAX_JOBS=${MAX_JOBS:-2}
 IMAGE=${IMAGE:-localhost/mtrl-hpc:cpu}
 BASE=${BASE:-localhost/mtrl-hpc-base:bookworm}
@@ -72,6 +74,7 @@ volumes+=(--volume "$pip_conf:/etc/pip.conf:ro")
 [[ -n ${host_ca:-} && -f $host_ca ]] && volumes+=(--volume "$host_ca:/run/host-ca.crt:ro")
 for dir in $(grep -v '^cert' "$pip_conf" | grep -o -E "(file://)?/[^ ']+" | sed 's|^file://||' | sort -u); do
     [[ -f $dir ]] && dir=$(dirname "$dir")
+    [[ $(basename "$dir") == simple ]] && dir=$(dirname "$dir") # PEP 503 pages link to ../../files/
     [[ -d $dir ]] && volumes+=(--volume "$dir:$dir:ro")
 done
 log "pip configuration for the build: $(grep -c = "$pip_conf") settings, ${#volumes[@]} volume flags"

@@ -4,7 +4,7 @@ presets of config/hydra/launcher/ (composed offline, then a real multirun on the
 What the training jobs rely on: results come back, a requeued job restarts and resumes from the state it
 saved, a job whose time limit is shorter than its work gets the signal, checkpoints, is requeued and
 finishes, and a cancelled job is reported as failed instead of hanging. Each test uses a fresh submitit
-folder (job ids restart at 1 when the cluster state dir is wiped). About 2 minutes in all.
+folder (job ids restart at 1 when the cluster state dir is wiped). About 3 minutes in all.
 """
 
 from __future__ import annotations
