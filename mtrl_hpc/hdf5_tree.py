@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import re
 from typing import Any
 
 import h5py
@@ -47,20 +48,28 @@ class TreeError(ValueError):
 
 
 def _encode_key(key) -> str:
-    """HDF5 names cannot contain '/' or be '.'; int keys are marked so they come back as ints."""
+    """HDF5 names cannot be empty, '.', or contain '/' or NUL; int keys are marked so they come back as ints."""
     if isinstance(key, bool) or not isinstance(key, (str, int)):
         raise TreeError(f"dict key {key!r} has type {type(key).__name__}; only str and int keys can be stored")
     if isinstance(key, int):
         return f"#{key}"
-    return key.replace("%", "%25").replace("/", "%2F").replace("#", "%23").replace(".", "%2E") or "%00"
+    name = key.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
+    if name.startswith("#"):
+        name = "%23" + name[1:]
+    if name in (".", ".."):
+        name = name.replace(".", "%2E")
+    return name or "%"
+
+
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 
 
 def _decode_key(name: str):
     if name.startswith("#"):
         return int(name[1:])
-    if name == "%00":
+    if name == "%":
         return ""
-    return name.replace("%2E", ".").replace("%23", "#").replace("%2F", "/").replace("%25", "%")
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name)
 
 
 # --------------------------------------------------------------------------------------------- digest
@@ -207,7 +216,7 @@ def _plain_list_kind(value) -> str | None:
         return "list_int"
     if types == {float}:
         return "list_float"
-    if types == {str}:
+    if types == {str} and not any("\0" in v for v in value):  # VLEN strings cannot hold NUL
         return "list_str"
     return None
 
@@ -265,8 +274,11 @@ def _write_node(group, name, value, digest, path, key):
         _dataset(group, name, np.float64(value), "float", digest, path)
         return
     if isinstance(value, str):
-        _dataset(group, name, np.array(value, dtype=_STR), "str", digest, path,
-                 chunks=[data_chunk(np.array([value], dtype=object))])
+        if "\0" in value:  # VLEN strings cannot hold NUL: stored as its UTF-8 bytes
+            _dataset(group, name, np.frombuffer(value.encode("utf-8"), dtype=np.uint8), "str_utf8", digest, path)
+        else:
+            _dataset(group, name, np.array(value, dtype=_STR), "str", digest, path,
+                     chunks=[data_chunk(np.array([value], dtype=object))])
         return
     if isinstance(value, bytes):
         _dataset(group, name, np.frombuffer(value, dtype=np.uint8), "bytes", digest, path)
@@ -336,4 +348,6 @@ def _read_node(obj):
         return v.decode("utf-8") if isinstance(v, bytes) else str(v)
     if kind == "bytes":
         return obj[()].tobytes()
+    if kind == "str_utf8":
+        return obj[()].tobytes().decode("utf-8")
     raise TreeError(f"{obj.name}: dataset of unknown kind {kind!r}")
