@@ -323,14 +323,19 @@ class _open:
                 f"{path} ({size} bytes) cannot be opened as HDF5: it is truncated, corrupted or not an HDF5 file "
                 f"({_short(e)}); delete it, an earlier checkpoint will be used"
             ) from None
-        fmt = self.f.attrs.get("format")
+        try:
+            fmt = self.f.attrs.get("format")
+            version = self.f.attrs.get("format_version")
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+            self.f.close()
+            raise CheckpointError(f"{path} is damaged: its root attributes cannot be read ({_short(e)}); delete it, "
+                                  "an earlier checkpoint will be used") from None
         if fmt != self.fmt:
             self.f.close()
             raise CheckpointError(
                 f"{path} is an HDF5 file but not a {self.fmt} file (its 'format' attribute is {fmt!r}); "
                 "move it out of the checkpoints directory"
             )
-        version = self.f.attrs.get("format_version")
         if version is None or int(version) > FORMAT_VERSION:
             self.f.close()
             raise CheckpointError(
@@ -340,7 +345,7 @@ class _open:
 
     def __exit__(self, *exc):
         self.f.close()
-        if exc[0] is not None and issubclass(exc[0], (OSError, KeyError, RuntimeError, ValueError)) and not issubclass(
+        if exc[0] is not None and issubclass(exc[0], (OSError, KeyError, RuntimeError, ValueError, TypeError)) and not issubclass(
             exc[0], CheckpointError
         ):
             raise CheckpointError(

@@ -465,3 +465,20 @@ def test_real_replay_buffer_chain_is_exact_and_sampling_continues(tmp_path):
     fresh = make()
     checkpoint.load(retained[-1], replay=fresh)
     assert torch.equal(replay.sample(9).obs, fresh.sample(9).obs)  # the sampler continues identically
+
+
+def test_truncation_anywhere_gives_checkpoint_error(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    replay = TinyReplay(2, 64, (5,), (2,))
+    fill(replay, 50, gen)
+    path = checkpoint.save(tmp_path / "run", 1, {"w": torch.randn(3000), "s": "x"}, replay=replay)
+    seg = next((tmp_path / "run" / "checkpoints" / "replay").iterdir())
+    for original in (path, seg):
+        data = original.read_bytes()
+        for cut in np.linspace(0, len(data) - 1, 16).astype(int):
+            original.write_bytes(data[:cut])
+            checkpoint._VERIFIED.clear()
+            with pytest.raises(CheckpointError):
+                checkpoint.load(path, replay=TinyReplay(2, 64, (5,), (2,)))
+        original.write_bytes(data)
+    checkpoint.load(path, replay=TinyReplay(2, 64, (5,), (2,)))
