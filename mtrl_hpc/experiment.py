@@ -22,7 +22,7 @@ from mtrl_hpc import checkpoint
 from mtrl_hpc.agents import make_agent
 from mtrl_hpc.config_checks import OBS_DTYPES, resolve_device
 from mtrl_hpc.envs import make_env
-from mtrl_hpc.metrics import MetricsLog, ProgressBar, format_line
+from mtrl_hpc.metrics import MetricsLog, ProgressBar, echo
 from mtrl_hpc.preemption import StopRequest
 from mtrl_hpc.replay import ReplayBuffer
 
@@ -65,12 +65,16 @@ class Experiment:
         self.episode = 0
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._resumed = self._maybe_resume()
+        train_keys, train_task_keys = _split_metric_names(cfg.metrics.train)
+        eval_keys, eval_task_keys = _split_metric_names(cfg.metrics.eval)
+        keys = dict(train_keys=train_keys, eval_keys=eval_keys, train_task_keys=train_task_keys,
+                    eval_task_keys=eval_task_keys, console=False)
         metrics_path = run_dir / "metrics.h5"
-        keys = (list(cfg.metrics.train), list(cfg.metrics.eval))
-        if self._resumed:
-            self.metrics = MetricsLog.resume(metrics_path, self.task_names, *keys, last_step=self.step)
+        if cfg.experiment.should_resume:
+            # Rows after the checkpoint (or all rows, with no checkpoint) are dropped: they will be logged again.
+            self.metrics = MetricsLog.resume(metrics_path, self.task_names, **keys, last_step=self.step if self._resumed else -1)
         else:
-            self.metrics = MetricsLog(metrics_path, self.task_names, *keys)
+            self.metrics = MetricsLog(metrics_path, self.task_names, **keys)
 
     # ---- checkpoints ----
     def _state(self) -> dict:
@@ -97,11 +101,11 @@ class Experiment:
         path = checkpoint.find_latest_good(self.run_dir)
         if path is None:
             return False
-        saved_yaml = checkpoint.read_config(path)
+        state, saved_yaml = checkpoint.load(path)
         checkpoint.check_compatible(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True),
                                     OmegaConf.to_container(self.cfg, resolve=True), RESUME_KEYS)
-        replay = self.replay if self.cfg.experiment.save.buffer.should_save else None
-        state, _ = checkpoint.load(path, replay=replay)
+        if self.cfg.experiment.save.buffer.should_save:
+            checkpoint.load(path, replay=self.replay)
         self.agent.load_training_state(state["agent"])
         self.step = int(state["counters"]["step"])
         self.episode = int(state["counters"]["episode"])
@@ -121,7 +125,8 @@ class Experiment:
         cfg = self.cfg.experiment
         L = self.env.max_episode_steps
         batch_size = self.cfg.replay_buffer.batch_size
-        progress = ProgressBar(total=cfg.num_train_steps, initial=self.step, enabled=self.cfg.logger.progress_bar)
+        bar = self.cfg.logger.progress_bar
+        progress = ProgressBar(total=cfg.num_train_steps, initial=self.step, enabled=None if bar == "auto" else bool(bar))
         obs = None
         episode_reward = np.zeros(self.num_tasks)
         episode_success = np.zeros(self.num_tasks)
@@ -180,39 +185,48 @@ class Experiment:
                 progress.update(1)
         finally:
             progress.close()
-            self.metrics.flush()
+
 
     def evaluate(self) -> None:
         def act(obs: np.ndarray) -> np.ndarray:
             return self.agent.act(torch.as_tensor(obs, device=self.device), self.task_ids, sample=False).cpu().numpy()
 
         result = self.eval_env.evaluate(act, self.cfg.experiment.num_eval_episodes)
-        per_task = {"success_env_index_": result.success_rate, "episode_reward_env_index_": result.mean_episode_reward}
-        scalars = {"episode": self.episode, "step": self.step, "success": float(result.success_rate.mean()),
+        per_task = {"success": result.success_rate, "episode_reward": result.mean_episode_reward}
+        scalars = {"episode": self.episode, "success": float(result.success_rate.mean()),
                    "episode_reward": float(result.mean_episode_reward.mean())}
-        self.metrics.log("eval", self.step, scalars, per_task)
-        print(format_line("eval", scalars), flush=True)
-        print("  success per task: " + ", ".join(f"{n}={s:.2f}" for n, s in zip(self.task_names, result.success_rate)),
-              flush=True)
+        echo(self.metrics.log("eval", self.step, scalars, per_task))
+        echo("  success per task: " + ", ".join(f"{n}={s:.2f}" for n, s in zip(self.task_names, result.success_rate)))
 
     def _log_train(self, step, episode_reward, episode_success, update_sums, num_updates, duration) -> None:
-        scalars = {"episode": self.episode, "step": step, "duration": duration,
+        scalars = {"episode": self.episode, "duration": duration,
                    "episode_reward": float(episode_reward.mean()), "success": float(episode_success.mean())}
-        per_task = {"episode_reward_env_index_": episode_reward.copy(), "success_env_index_": episode_success.copy()}
+        per_task = {"episode_reward": episode_reward.copy(), "success": episode_success.copy()}
         for k, v in update_sums.items():
             mean = (v / num_updates).cpu().numpy()  # the one device read per episode
-            if k.endswith("_"):
-                per_task[k] = mean
+            if k.endswith(TASK_SUFFIX):
+                per_task[k[: -len(TASK_SUFFIX)]] = mean
             else:
                 scalars[k] = float(mean)
-        self.metrics.log("train", step, scalars, per_task)
+        line = self.metrics.log("train", step, scalars, per_task)
         if self.cfg.logger.should_print_train:
-            print(format_line("train", scalars), flush=True)
+            echo(line)
 
     def close(self) -> None:
         self.metrics.close()
         self.env.close()
         self.eval_env.close()
+
+
+TASK_SUFFIX = "_env_index_"
+
+
+def _split_metric_names(names) -> tuple[list[str], list[str]]:
+    """mtrl's metric names: "<key>_env_index_" is per task, "step" is the row's step, the rest are scalars."""
+    names = list(names)
+    scalars = [n for n in names if not n.endswith(TASK_SUFFIX) and n != "step"]
+    per_task = [n[: -len(TASK_SUFFIX)] for n in names if n.endswith(TASK_SUFFIX)]
+    return scalars, per_task
 
 
 def _plain_bitgen_state(rng: np.random.Generator) -> dict:

@@ -41,11 +41,12 @@ def run(cfg: DictConfig, run_dir: pathlib.Path) -> str:
 def main(cfg: DictConfig) -> None:
     from mtrl_hpc.checkpoint import CheckpointError
     from mtrl_hpc.config_checks import ConfigError
+    from mtrl_hpc.metrics import MetricsError
 
     run_dir = pathlib.Path(cfg.setup.save_dir or HydraConfig.get().runtime.output_dir)
     try:
         outcome = run(cfg, run_dir)
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, MetricsError) as error:
         print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     if outcome == "stopped":

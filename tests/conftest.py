@@ -1,0 +1,13 @@
+"""Test session settings shared by every test module."""
+
+import os
+import sys
+
+import torch
+
+# Tests run beside other processes (SLURM daemons, subprocess runs); one torch thread per process avoids
+# OpenMP spin-waiting against them. Child processes inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+# Test modules import shared helpers from this directory (tests/ is not a package).
+sys.path.insert(0, os.path.dirname(__file__))
