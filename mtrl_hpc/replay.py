@@ -113,7 +113,9 @@ class ReplayBuffer:
         self.reward = torch.zeros((T, C), dtype=torch.float32, device=dev)
         self.not_done = torch.zeros((T, C), dtype=torch.float32, device=dev)
         self.added = torch.zeros(T, dtype=torch.int64, device=dev)
-        self._added_host = np.zeros(T, dtype=np.int64)  # host mirror of `added`: no device reads to plan a batch
+        # Host copy of `added`, so planning a batch never reads the device. On the CPU it is `added` itself.
+        self._on_cpu = dev.type == "cpu"
+        self._added_host = self.added.numpy() if self._on_cpu else np.zeros(T, dtype=np.int64)
         self._uid = secrets.randbits(63)  # identifies this buffer's history in HDF5 groups (incremental saves)
         self.last_save_rows = 0
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -126,6 +128,8 @@ class ReplayBuffer:
     def _tensor(self, x, name: str) -> torch.Tensor:
         """Inputs as tensors on the buffer's device; integers become float32 (floats and bools pass as they are:
         the op converts while writing)."""
+        if self._on_cpu and type(x) is np.ndarray and x.dtype.kind in "fb" and x.flags.c_contiguous:
+            return torch.from_numpy(x)
         if isinstance(x, torch.Tensor):
             if not (x.is_floating_point() or x.dtype in (torch.bool, torch.uint8) or x.is_complex()):
                 x = x.float()
@@ -145,18 +149,20 @@ class ReplayBuffer:
     def add(self, obs, action, reward, next_obs, done, task_ids) -> None:
         """Writes one row per entry of ``task_ids``: obs/next_obs [N, *obs_shape], action [N, *action_shape],
         reward/done [N] (or [N, 1]); done = terminated only. Torch tensors or numpy arrays."""
-        if isinstance(task_ids, torch.Tensor):
-            ids_np = task_ids.detach().cpu().numpy()
+        if type(task_ids) is np.ndarray and task_ids.dtype == np.int64:
+            ids_np = task_ids
         else:
-            ids_np = np.asarray(task_ids)
-        if ids_np.dtype.kind not in "iu":
-            raise ValueError(f"add(): task_ids must hold integers (one task id per row), got dtype {ids_np.dtype}")
-        ids_np = np.ascontiguousarray(ids_np, dtype=np.int64)
-        ids = torch.from_numpy(ids_np)  # on the host: the op checks the range there without a device sync
-        self._add_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added,
-                     self._tensor(obs, "obs"), self._tensor(action, "action"), self._tensor(reward, "reward"),
-                     self._tensor(next_obs, "next_obs"), self._tensor(done, "done"), ids)
-        self._added_host += np.bincount(ids_np, minlength=self.num_tasks)  # ids were range-checked by the op
+            ids_np = task_ids.detach().cpu().numpy() if isinstance(task_ids, torch.Tensor) else np.asarray(task_ids)
+            if ids_np.dtype.kind not in "iu":
+                raise ValueError(f"add(): task_ids must hold integers (one task id per row), got dtype {ids_np.dtype}")
+            ids_np = ids_np.astype(np.int64, copy=False)
+        t = self._tensor
+        # Task ids stay on the host: the op checks their range there, without a device sync.
+        self._add_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added, t(obs, "obs"),
+                     t(action, "action"), t(reward, "reward"), t(next_obs, "next_obs"), t(done, "done"),
+                     torch.from_numpy(ids_np))
+        if not self._on_cpu:
+            self._added_host += np.bincount(ids_np.reshape(-1), minlength=self.num_tasks)  # range-checked by the op
         if len(self._eligible) < self.num_tasks:
             self._refresh_eligible()
 
@@ -184,7 +190,8 @@ class ReplayBuffer:
     def _offsets_tensor(self, counts: np.ndarray) -> torch.Tensor:
         offsets = np.zeros(self.num_tasks + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        return torch.from_numpy(offsets).to(self.device)
+        # Pageable host memory is staged at once by a non-blocking copy: no wait for the device.
+        return torch.from_numpy(offsets).to(self.device, non_blocking=True)
 
     def _equal_offsets(self, batch_size: int) -> torch.Tensor:
         n = len(self._eligible)
@@ -303,7 +310,7 @@ class ReplayBuffer:
                            int(state.get("uid", secrets.randbits(63))))
 
     def _set_counters(self, added: np.ndarray, sample_counter: int, seed: int, uid: int) -> None:
-        self._added_host = np.array(added, dtype=np.int64)
+        self._added_host[...] = added
         self.sample_counter = sample_counter
         self.seed = seed & _MASK64
         self._uid = uid

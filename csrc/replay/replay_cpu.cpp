@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "replay/replay.h"
 #include "replay/replay_checks.h"
@@ -64,6 +65,9 @@ void replay_add_cpu(at::Tensor obs_store, at::Tensor action_store, at::Tensor re
   const at::Tensor r = reward.contiguous(), d = done.contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   int64_t* cnt = added.data_ptr<int64_t>();
+  for (int64_t t = 0; t < s.num_tasks; ++t) {
+    TORCH_CHECK(cnt[t] >= 0, "replay_add(): added[", t, "] = ", cnt[t], " is negative; the buffer state is corrupt");
+  }
   const int64_t C = s.capacity, O = s.obs_numel, A = s.action_numel;
   const at::ScalarType st = obs_store.scalar_type();
   const size_t ob = c10::elementSize(st), ib = c10::elementSize(o.scalar_type()), ab = c10::elementSize(a.scalar_type());
@@ -93,6 +97,38 @@ inline void prefetch_bytes(const char* p, size_t n) {
   for (size_t k = 0; k < n; k += 64) __builtin_prefetch(p + k, 0, 0);
 }
 
+template <typename S>
+inline void load_obs_row(float* dst, const S* src, int64_t n) {
+  if constexpr (std::is_same_v<S, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <typename S>
+void gather_rows(const S* os, const S* ns, const float* as, const float* rs, const float* ds, const int64_t* tid,
+                 const int64_t* ind, int64_t B, int64_t C, int64_t O, int64_t A, float* oo, float* no, float* ao,
+                 float* ro, float* dout) {
+  constexpr int64_t kAhead = 8;
+  for (int64_t b = 0; b < B; ++b) {
+    if (b + kAhead < B) {
+      const int64_t pr = tid[b + kAhead] * C + ind[b + kAhead];
+      prefetch_bytes(reinterpret_cast<const char*>(os + pr * O), O * sizeof(S));
+      prefetch_bytes(reinterpret_cast<const char*>(ns + pr * O), O * sizeof(S));
+      prefetch_bytes(reinterpret_cast<const char*>(as + pr * A), A * sizeof(float));
+      __builtin_prefetch(rs + pr, 0, 0);
+      __builtin_prefetch(ds + pr, 0, 0);
+    }
+    const int64_t row = tid[b] * C + ind[b];
+    load_obs_row(oo + b * O, os + row * O, O);
+    load_obs_row(no + b * O, ns + row * O, O);
+    std::memcpy(ao + b * A, as + row * A, A * sizeof(float));
+    ro[b] = rs[row];
+    dout[b] = ds[row];
+  }
+}
+
 void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_store, const at::Tensor& reward_store,
                        const at::Tensor& next_obs_store, const at::Tensor& not_done_store, const at::Tensor& added,
                        const at::Tensor& offsets, int64_t seed, int64_t counter, at::Tensor obs, at::Tensor action,
@@ -108,6 +144,7 @@ void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_sto
   TORCH_CHECK(off[0] == 0 && off[T] == B, "replay_sample(): offsets must start at 0 and end at the batch size ", B,
               ", got ", off[0], " and ", off[T]);
   for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(cnt[t] >= 0, "replay_sample(): added[", t, "] = ", cnt[t], " is negative; the buffer state is corrupt");
     TORCH_CHECK(off[t + 1] >= off[t], "replay_sample(): offsets must be non-decreasing (rows per task >= 0), task ",
                 t, " has ", off[t + 1] - off[t]);
     TORCH_CHECK(off[t + 1] == off[t] || cnt[t] > 0, "replay_sample(): task ", t, " is asked for ", off[t + 1] - off[t],
@@ -124,43 +161,15 @@ void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_sto
     }
   }
   // Gather: every field of row b in one pass, prefetching a few rows ahead to overlap the cache misses.
-  const at::ScalarType st = obs_store.scalar_type();
-  const size_t ob = c10::elementSize(st);
-  const char* os = static_cast<const char*>(obs_store.data_ptr());
-  const char* ns = static_cast<const char*>(next_obs_store.data_ptr());
-  const float* as = action_store.data_ptr<float>();
-  const float* rs = reward_store.data_ptr<float>();
-  const float* ds = not_done_store.data_ptr<float>();
-  float* oo = obs.data_ptr<float>();
-  float* no = next_obs.data_ptr<float>();
-  float* ao = action.data_ptr<float>();
-  float* ro = reward.data_ptr<float>();
-  float* dout = not_done.data_ptr<float>();
-  constexpr int64_t kAhead = 8;
-  auto gather = [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if (b + kAhead < end) {
-        const int64_t pr = tid[b + kAhead] * C + ind[b + kAhead];
-        prefetch_bytes(os + pr * O * ob, O * ob);
-        prefetch_bytes(ns + pr * O * ob, O * ob);
-        prefetch_bytes(reinterpret_cast<const char*>(as + pr * A), A * sizeof(float));
-        __builtin_prefetch(rs + pr, 0, 0);
-        __builtin_prefetch(ds + pr, 0, 0);
-      }
-      const int64_t row = tid[b] * C + ind[b];
-      copy_row(oo + b * O, at::kFloat, os + row * O * ob, st, O);
-      copy_row(no + b * O, at::kFloat, ns + row * O * ob, st, O);
-      std::memcpy(ao + b * A, as + row * A, A * sizeof(float));
-      ro[b] = rs[row];
-      dout[b] = ds[row];
-    }
-  };
-  const int64_t grain = std::getenv("MTRL_REPLAY_GRAIN") ? std::atoll(std::getenv("MTRL_REPLAY_GRAIN")) : (1 << 30);
-  if (B > grain) {
-    at::parallel_for(0, B, grain, gather);
-  } else {
-    gather(0, B);
-  }
+  // Single-threaded on purpose: at 1280 rows the work is a few tens of microseconds, less than waking a thread
+  // pool on a shared 2-core node costs.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, obs_store.scalar_type(), "replay_sample_cpu", [&] {
+    gather_rows<scalar_t>(obs_store.data_ptr<scalar_t>(), next_obs_store.data_ptr<scalar_t>(),
+                          action_store.data_ptr<float>(), reward_store.data_ptr<float>(),
+                          not_done_store.data_ptr<float>(), tid, ind, B, C, O, A, obs.data_ptr<float>(),
+                          next_obs.data_ptr<float>(), action.data_ptr<float>(), reward.data_ptr<float>(),
+                          not_done.data_ptr<float>());
+  });
 }
 
 // Raw Philox4x32-10 words for testing: counters [N, 4] int64 holding uint32 values, key = 64-bit seed.

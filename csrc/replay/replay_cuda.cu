@@ -42,7 +42,7 @@ __global__ void add_rows_kernel(S* __restrict__ obs_store, S* __restrict__ next_
     s_total = total;
   }
   __syncthreads();
-  if (!row_survives(s_rank, s_total, C)) return;
+  if (!row_survives(s_rank, s_total, C) || added[t] < 0) return;  // added < 0: corrupt state, write nothing
   const int64_t row = t * C + write_slot(added[t], s_rank, C);
   for (int64_t k = threadIdx.x; k < O; k += blockDim.x) {
     obs_store[row * O + k] = obs[i * O + k];
@@ -58,7 +58,7 @@ __global__ void add_rows_kernel(S* __restrict__ obs_store, S* __restrict__ next_
 // Runs after add_rows_kernel (same stream): added[t] += number of rows of task t in this call.
 __global__ void advance_kernel(int64_t* __restrict__ added, const int64_t* __restrict__ ids, int64_t N, int64_t T) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= T) return;
+  if (t >= T || added[t] < 0) return;
   int64_t total = 0;
   for (int64_t j = 0; j < N; ++j) total += ids[j] == t;
   added[t] += total;

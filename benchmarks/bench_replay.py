@@ -1,0 +1,183 @@
+"""Replay buffer benchmark (CPU): python benchmarks/bench_replay.py [--quick]
+
+MT10 shapes (obs 39, action 4), 10 tasks x 100,000 rows = 1,000,000 transitions, batch 1280. Compares, in the
+same run:
+  sample  mtrl_hpc ReplayBuffer.sample  vs  an mtrl-style numpy buffer (np.random.randint + fancy indexing +
+          torch.as_tensor per field)  and  a plain PyTorch stratified reference (per-task index math +
+          index_select per field, outputs preallocated);
+  gather  bytes of the sampled fields per second vs a plain copy (Tensor.copy_) of as many contiguous bytes;
+  add     one env step (10 rows, one call) vs ten mtrl-style single-transition adds (np.copyto per field);
+  memory  storage bytes per transition, float32 and float16 observations.
+Times are the best of several repeats of a timed loop (on a shared node the minimum is the run least disturbed
+by other processes; --stat median reports medians instead). Single runs on a loaded machine vary by 2x or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from mtrl_hpc.replay import ReplayBuffer
+
+T, OBS, ACT = 10, 39, 4
+
+
+STAT = min
+
+
+def timeit(fn, number: int, repeat: int = 9) -> float:
+    """Seconds per call: STAT (min or median) over `repeat` timed loops of `number` calls."""
+    fn()
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        runs.append((time.perf_counter() - t) / number)
+    return STAT(runs)
+
+
+class MtrlStyleBuffer:
+    """The numpy buffer of facebookresearch/mtrl (one ring for all tasks, uniform sampling)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.idx, self.full = capacity, 0, False
+        self.obses = np.empty((capacity, OBS), dtype=np.float32)
+        self.next_obses = np.empty((capacity, OBS), dtype=np.float32)
+        self.actions = np.empty((capacity, ACT), dtype=np.float32)
+        self.rewards = np.empty((capacity, 1), dtype=np.float32)
+        self.not_dones = np.empty((capacity, 1), dtype=np.float32)
+        self.env_indices = np.empty((capacity, 1), dtype=np.int64)
+
+    def add(self, obs, action, reward, next_obs, done, task):
+        np.copyto(self.obses[self.idx], obs)
+        np.copyto(self.actions[self.idx], action)
+        np.copyto(self.rewards[self.idx], reward)
+        np.copyto(self.next_obses[self.idx], next_obs)
+        np.copyto(self.not_dones[self.idx], not done)
+        np.copyto(self.env_indices[self.idx], task)
+        self.idx = (self.idx + 1) % self.capacity
+        self.full = self.full or self.idx == 0
+
+    def sample(self, batch_size: int):
+        idxs = np.random.randint(0, self.capacity if self.full else self.idx, size=batch_size)
+        return (torch.as_tensor(self.obses[idxs]).float(), torch.as_tensor(self.actions[idxs]),
+                torch.as_tensor(self.rewards[idxs]), torch.as_tensor(self.next_obses[idxs]).float(),
+                torch.as_tensor(self.not_dones[idxs]), torch.as_tensor(self.env_indices[idxs]))
+
+
+class TorchStratified:
+    """Plain PyTorch reference of stratified sampling: equal share per task, uniform rows, index_select."""
+
+    def __init__(self, rb: ReplayBuffer, batch_size: int):
+        C = rb.capacity_per_task
+        self.flat = [x.view(T * C, -1) for x in (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done)]
+        self.task_ids = torch.arange(T).repeat_interleave(batch_size // T)
+        self.base = self.task_ids * C
+        self.size = rb.sizes()[self.task_ids].double()
+        self.gen = torch.Generator().manual_seed(0)
+        self.u = torch.empty(batch_size, dtype=torch.float64)
+        self.out = [torch.empty(batch_size, x.shape[1]) for x in self.flat]
+
+    def sample(self):
+        rows = self.u.uniform_(generator=self.gen).mul_(self.size).long()
+        flat = rows.add_(self.base)
+        for src, dst in zip(self.flat, self.out):
+            torch.index_select(src, 0, flat, out=dst)
+        return self.out
+
+
+def fill(rb: ReplayBuffer, mtrl: MtrlStyleBuffer | None, per_task: int, rng) -> None:
+    chunk = 1000  # rows per task per add call
+    for start in range(0, per_task, chunk):
+        n = min(chunk, per_task - start)
+        ids = np.tile(np.arange(T), n)
+        obs = rng.standard_normal((n * T, OBS), dtype=np.float32)
+        nxt = rng.standard_normal((n * T, OBS), dtype=np.float32)
+        act = rng.uniform(-1, 1, (n * T, ACT)).astype(np.float32)
+        rew = rng.standard_normal(n * T, dtype=np.float32)
+        done = rng.random(n * T) < 0.002
+        rb.add(obs, act, rew, nxt, done, ids)
+        if mtrl is not None:
+            sl = slice(start * T, start * T + n * T)
+            mtrl.obses[sl], mtrl.next_obses[sl], mtrl.actions[sl] = obs, nxt, act
+            mtrl.rewards[sl, 0], mtrl.not_dones[sl, 0], mtrl.env_indices[sl, 0] = rew, ~done, ids
+    if mtrl is not None:
+        mtrl.idx, mtrl.full = 0, True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-task", type=int, default=100_000, help="rows per task (default 100,000)")
+    parser.add_argument("--batch", type=int, default=1280)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--stat", choices=("min", "median"), default="min", help="statistic over repeats")
+    args = parser.parse_args()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
+    C, B = args.per_task, args.batch
+    number = 20 if args.quick else 100
+    rng = np.random.default_rng(0)
+    np.random.seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {T} tasks x {C:,} rows = {T * C:,} "
+          f"transitions, obs {OBS}, action {ACT}, batch {B}")
+
+    t = time.perf_counter()
+    rb = ReplayBuffer(T, C, (OBS,), (ACT,), seed=0)
+    mtrl = MtrlStyleBuffer(T * C)
+    fill(rb, mtrl, C, rng)
+    print(f"filled both buffers in {time.perf_counter() - t:.1f} s\n")
+
+    ref = TorchStratified(rb, B)
+    t_ours = timeit(lambda: rb.sample(B), number)
+    t_mtrl = timeit(lambda: mtrl.sample(B), number)
+    t_ref = timeit(ref.sample, number)
+
+    out_bytes = sum(x.numel() * x.element_size() for x in rb.sample(B)[:5])
+    src = torch.empty(out_bytes // 4)
+    dst = torch.empty_like(src)
+    t_copy = timeit(lambda: dst.copy_(src), number)
+
+    step = dict(obs=rng.standard_normal((T, OBS)), action=rng.uniform(-1, 1, (T, ACT)), reward=rng.standard_normal(T),
+                next_obs=rng.standard_normal((T, OBS)), done=np.zeros(T, dtype=bool), task_ids=np.arange(T))
+    t_add = timeit(lambda: rb.add(**step), number * 4)
+
+    def mtrl_adds():
+        for i in range(T):
+            mtrl.add(step["obs"][i], step["action"][i], step["reward"][i], step["next_obs"][i], False, i)
+
+    t_mtrl_add = timeit(mtrl_adds, number * 4)
+
+    small = 1000
+    mem = {}
+    for dtype in (torch.float32, torch.float16):
+        m = ReplayBuffer(T, small, (OBS,), (ACT,), obs_dtype=dtype)
+        mem[dtype] = sum(v.numel() * v.element_size() for k, v in m.state_dict().items()
+                         if isinstance(v, torch.Tensor) and k != "added") / (T * small)
+
+    gbps = out_bytes / t_ours / 1e9
+    copy_gbps = out_bytes / t_copy / 1e9
+    rows = [
+        ("sample(1280): mtrl_hpc ReplayBuffer", f"{t_ours * 1e6:9.1f} us", ""),
+        ("sample(1280): mtrl-style numpy buffer", f"{t_mtrl * 1e6:9.1f} us", f"mtrl_hpc is {t_mtrl / t_ours:5.1f}x faster (target >= 10x)"),
+        ("sample(1280): plain PyTorch stratified", f"{t_ref * 1e6:9.1f} us", f"mtrl_hpc is {t_ref / t_ours:5.1f}x faster (target >= 2x)"),
+        ("gather rate of sample", f"{gbps:6.2f} GB/s", f"{100 * gbps / copy_gbps:5.1f}% of a plain copy (target > 30%)"),
+        (f"plain copy of {out_bytes:,} B", f"{copy_gbps:6.2f} GB/s", ""),
+        ("add one env step (10 rows, one call)", f"{t_add * 1e6:9.1f} us", ""),
+        ("add: ten mtrl-style single adds", f"{t_mtrl_add * 1e6:9.1f} us", f"mtrl_hpc is {t_mtrl_add / t_add:5.1f}x faster (target >= 5x)"),
+        ("memory per transition, float32 obs", f"{mem[torch.float32]:7.0f} B", ""),
+        ("memory per transition, float16 obs", f"{mem[torch.float16]:7.0f} B", f"{100 * mem[torch.float16] / mem[torch.float32]:5.1f}% of float32"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{w}}  {'value':>12}  comparison")
+    print("-" * (w + 60))
+    for name, value, note in rows:
+        print(f"{name:<{w}}  {value:>12}  {note}")
+
+
+if __name__ == "__main__":
+    main()
