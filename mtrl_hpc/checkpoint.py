@@ -604,13 +604,12 @@ def _save_replay(ckdir: pathlib.Path, step: int, replay) -> dict:
             np_dtype = torch.empty(0, dtype=raw).numpy().dtype
             row_shape = tuple(t.shape[2:])
             ds = fields.create_dataset(f"f{i}", shape=(n_rows, *row_shape), dtype=np_dtype)
-            chunks, off = [], 0
-            for task, start, count in runs:
-                rows = _task_rows(t, axis, task, start, count)
-                ds[off:off + count] = rows
-                chunks.append(rows)
-                off += count
-            digest.add(f"/fields/f{i}", ds, chunks)
+            chunks = [_task_rows(t, axis, task, start, count) for task, start, count in runs]
+            digest.add(f"/fields/f{i}", ds, chunks)  # hashed in the digest thread while HDF5 writes the rows
+            off = 0
+            for rows in chunks:
+                ds[off:off + len(rows)] = rows
+                off += len(rows)
         digest.add("/fields", fields, [])
 
     sha = _write_atomic(segdir / name, SEGMENT_FORMAT, body)

@@ -132,7 +132,7 @@ class Digest:
         """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays);
         ``known``: (attrs, dtype or None, shape or None) as just written."""
         header = _object_header(path, obj, self.skip_attrs, known)
-        if isinstance(obj, h5py.Dataset) and chunks is None:
+        if obj is not None and isinstance(obj, h5py.Dataset) and chunks is None:
             chunks = [_read_dataset_bytes(obj)]
         chunks = list(chunks or [])
         if sum(memoryview(c).nbytes for c in chunks) > (1 << 20):
@@ -198,13 +198,13 @@ def write_tree(group: h5py.Group, tree: dict, digest: Digest | None = None, _pat
 
 
 def _dataset(group, name, data, kind, digest, path, chunks=None, **attrs):
-    ds = group.create_dataset(name, data=data)
     attrs = {KIND: kind, **attrs}
+    if digest is not None:  # hashed (in the digest thread for large arrays) while HDF5 writes the same bytes
+        arr = np.asarray(data)
+        digest.add(path, None, [data_chunk(arr)] if chunks is None else chunks, known=(attrs, arr.dtype, arr.shape))
+    ds = group.create_dataset(name, data=data)
     for k, v in attrs.items():
         ds.attrs[k] = v
-    if digest is not None:
-        data = np.asarray(data)
-        digest.add(path, ds, [data_chunk(data)] if chunks is None else chunks, known=(attrs, data.dtype, data.shape))
     return ds
 
 
