@@ -8,7 +8,7 @@
 # Environment: TORCH_VERSION (2.13.0), TORCH_INDEX_URL (a local file:// index, else PyTorch's CPU index),
 # MAX_JOBS (2), IMAGE (localhost/mtrl-hpc:cpu), BASE (localhost/mtrl-hpc-base:bookworm),
 # DEBIAN_MIRROR (http://deb.debian.org/debian), REBUILD_BASE=1 to bootstrap the base again,
-# PYTEST_ARGS ("-x -q"). The machine's pip configuration (indexes, find-links, constraints) and the local
+# PYTEST_ARGS ("-x -q"), SKIP_BUILD=1 to only run the tests. The machine's pip configuration (indexes, find-links, constraints) and the local
 # directories it points to are mounted into the build, so local wheel mirrors are used when present.
 set -euo pipefail
 
@@ -79,10 +79,10 @@ for dir in $(grep -v '^cert' "$pip_conf" | grep -o -E "(file://)?/[^ ']+" | sed 
 done
 log "pip configuration for the build: $(grep -c = "$pip_conf") settings, ${#volumes[@]} volume flags"
 
-# 3. Build the project image on that base with the CPU torch.
+# 3. Build the project image on that base with the CPU torch (SKIP_BUILD=1: test the existing image).
 phase "building $IMAGE"
 build_start=$SECONDS
-podman build --isolation chroot --format docker --network host "${volumes[@]}" \
+[[ ${SKIP_BUILD:-0} == 1 ]] || podman build --isolation chroot --format docker --network host "${volumes[@]}" \
     --build-arg BASE_IMAGE="$BASE" \
     --build-arg TORCH_VERSION="$TORCH_VERSION" \
     --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
@@ -95,7 +95,8 @@ phase "built $IMAGE in ${build_seconds} s"
 phase "running tests in $IMAGE (no network)"
 test_start=$SECONDS
 set +e
-podman run --rm --network=none --runtime runc --ulimit nofile=1024:1024 \
+# explicit ulimits: podman's defaults (host maximum) are refused on some kernels/sandboxes
+podman run --rm --network=none --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
     -e MUJOCO_GL=osmesa -e PYOPENGL_PLATFORM=osmesa -w /opt/mtrl_hpc --entrypoint python \
     "$IMAGE" -m pytest "${PYTEST_ARGS[@]}" 2>&1 | tee "$WORK/test.log"
 status=${PIPESTATUS[0]}
