@@ -97,8 +97,11 @@ def set_full(replay):
     replay.load_state_dict(sd)
 
 
+_RAW_BUF = np.random.default_rng(0).bytes(64 << 20)
+
+
 def raw_write(path: pathlib.Path, nbytes: int) -> float:
-    buf = np.random.default_rng(0).bytes(64 << 20)
+    buf = _RAW_BUF
     t0 = time.perf_counter()
     with open(path, "wb") as fh:
         left = nbytes
