@@ -305,6 +305,29 @@ def test_opcheck(index):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    """The ops trace into one graph (fake kernels) and their C++ autograd is differentiated by AOTAutograd."""
+    b = make_batch(torch.float32, kind="missing", weights=True)
+    names = ("q1", "q2", "log_prob", "log_alpha")
+
+    def update(q1, q2, log_prob, log_alpha, task_ids, task_weights):
+        d = dict(b, q1=q1, q2=q2, log_prob=log_prob, log_alpha=log_alpha, task_ids=task_ids)
+        c = losses.critic_loss(*critic_args(d), task_weights=task_weights)
+        a = losses.actor_loss(*actor_args(d), task_weights=task_weights)
+        t = losses.temperature_loss(*temperature_args(d))
+        return (c + a + t).sum()
+
+    def grads(fn):
+        leaves = [b[n].clone().requires_grad_(True) for n in names]
+        out = fn(*leaves, b["task_ids"], b["task_weights"])
+        return [out.detach()] + list(torch.autograd.grad(out, leaves))
+
+    compiled = torch.compile(update, fullgraph=True, dynamic=False)
+    for got, want in zip(grads(compiled), grads(update)):
+        torch.testing.assert_close(got, want)
+
+
 # ---- bad arguments: a clean Python exception naming the argument ----
 
 
