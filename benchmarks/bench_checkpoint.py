@@ -186,7 +186,8 @@ def main():
             ("verify", "find_latest_good (verify chain checksums)", mb + imb),
             ("load", "load (state + replay chain restore)", mb + imb)]
     for key, name, size in rows:
-        print(f"{name:<50} {best[key]:>7.3f} {median[key]:>9.3f} {cpu[key]:>7.3f} {size:>7.1f} {size / best[key]:>6.0f}")
+        print(f"{name:<50} {best[key]:>7.3f} {median[key]:>9.3f} {cpu[key]:>7.3f} {size:>7.1f} "
+              f"{size / best[key]:>6.0f}")
     print(f"full checkpoint / raw write: {best['full'] / best['raw']:.2f}x best, {median['full'] / median['raw']:.2f}x "
           f"median (target < 1.5x); incremental / raw: {best['incr'] / best['raw_incr']:.2f}x best")
     print(f"load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

@@ -266,7 +266,8 @@ def _write_atomic(final: pathlib.Path, fmt: str, body) -> str:
                 sha = digest.hexdigest()
                 f.attrs[CHECKSUM_ATTR] = sha
         except OSError as e:
-            raise CheckpointError(f"cannot write {final} ({e}); check free space and permissions of {final.parent}") from None
+            raise CheckpointError(
+                f"cannot write {final} ({e}); check free space and permissions of {final.parent}") from None
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -345,9 +346,8 @@ class _open:
 
     def __exit__(self, *exc):
         self.f.close()
-        if exc[0] is not None and issubclass(exc[0], (OSError, KeyError, RuntimeError, ValueError, TypeError)) and not issubclass(
-            exc[0], CheckpointError
-        ):
+        failures = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+        if exc[0] is not None and issubclass(exc[0], failures) and not issubclass(exc[0], CheckpointError):
             raise CheckpointError(
                 f"{self.path} is damaged: reading it failed ({_short(exc[1])}); delete it, an earlier checkpoint "
                 "will be used"

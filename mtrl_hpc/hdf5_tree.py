@@ -235,7 +235,8 @@ def _write_node(group, name, value, digest, path, key):
         if plain is not None:
             data = np.array(value, dtype=_STR if plain == "list_str" else None)
             kind = plain if container == "list" else plain.replace("list", "tuple")
-            _dataset(group, name, data, kind, digest, path, chunks=[data_chunk(np.array(value, dtype=object))] if plain == "list_str" else None)
+            chunks = [data_chunk(np.array(value, dtype=object))] if plain == "list_str" else None
+            _dataset(group, name, data, kind, digest, path, chunks=chunks)
             return
         sub = group.create_group(name)
         sub.attrs[KIND] = container

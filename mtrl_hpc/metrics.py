@@ -94,7 +94,8 @@ class MetricsLog:
         try:
             self._f = h5py.File(self.path, "r+", libver="latest")
         except OSError as e:
-            raise MetricsError(f"cannot open {self.path} for appending ({_short(e)}); is another run writing it?") from None
+            raise MetricsError(
+                f"cannot open {self.path} for appending ({_short(e)}); is another run writing it?") from None
         try:
             self._check_layout(self._f)
             self._f.swmr_mode = True
@@ -180,7 +181,8 @@ class MetricsLog:
             os.chmod(tmp, FILE_MODE)
             os.replace(tmp, path)
         except OSError as e:
-            raise MetricsError(f"cannot rewrite {path} for resuming ({_short(e)}); check free space and permissions") from None
+            raise MetricsError(
+                f"cannot rewrite {path} for resuming ({_short(e)}); check free space and permissions") from None
         return cls(path, task_names, train_keys=log.scalar_keys["train"], eval_keys=log.scalar_keys["eval"],
                    train_task_keys=log.task_keys["train"], eval_task_keys=log.task_keys["eval"], console=console,
                    _append=True)

@@ -225,7 +225,10 @@ def format_table(groups: Sequence[Group]) -> str:
     for g in groups:
         summary = summarize(g)
         steps = summary["last_steps"]
-        span = f"last eval step {min(steps)}" + (f"..{max(steps)}" if max(steps) != min(steps) else "") if steps else "no eval rows yet"
+        if steps:
+            span = f"last eval step {min(steps)}" + (f"..{max(steps)}" if max(steps) != min(steps) else "")
+        else:
+            span = "no eval rows yet"
         lines.append(f"== {g.label}  ({summary['runs']} run{'s' if summary['runs'] != 1 else ''}"
                      + (f", {summary['pending']} without eval rows" if summary["pending"] else "") + f"; {span})")
         width = max([len("overall"), *(len(n) for n in summary["tasks"])])
@@ -277,7 +280,9 @@ def plot(groups: Sequence[Group], out_dir: pathlib.Path) -> list[pathlib.Path]:
     return written
 
 
-def make_report(path, out_dir=None, ignore: Sequence[str] = DEFAULT_IGNORE) -> tuple[str, list[Group], list[pathlib.Path]]:
+def make_report(path, out_dir=None,
+                ignore: Sequence[str] = DEFAULT_IGNORE) -> tuple[str, list[Group], list[pathlib.Path]]:
+    """Reads every log below ``path``, writes report.txt and the plots; returns (table, groups, files)."""
     root = pathlib.Path(path)
     logs = find_logs(root)
     if root.is_file():
@@ -295,7 +300,8 @@ def make_report(path, out_dir=None, ignore: Sequence[str] = DEFAULT_IGNORE) -> t
         os.chmod(text_path, FILE_MODE)
         pngs = plot(groups, out)
     except OSError as e:
-        raise ReportError(f"cannot write the report into {out} ({e}); pass --out DIR with a writable directory") from None
+        raise ReportError(
+            f"cannot write the report into {out} ({e}); pass --out DIR with a writable directory") from None
     return table, groups, [text_path, *pngs]
 
 
@@ -304,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("path", help="a run directory, a sweep directory, or a metrics.h5 file")
     parser.add_argument("--out", help="where to write report.txt and the plots (default: PATH/report)")
     parser.add_argument("--ignore", action="append", metavar="KEY",
-                        help=f"config key (dotted) that does not define a group; repeatable (default: {DEFAULT_IGNORE})")
+                        help="config key (dotted) that does not define a group; repeatable "
+                             f"(default: {', '.join(DEFAULT_IGNORE)})")
     args = parser.parse_args(argv)
     try:
         table, _, files = make_report(args.path, args.out, tuple(args.ignore) if args.ignore else DEFAULT_IGNORE)

@@ -46,7 +46,8 @@ class TinyReplay:
         tt = tasks[None, :].expand(n, -1)
         if n > self.capacity_per_task:  # only the last `capacity` steps survive
             keep = slice(n - self.capacity_per_task, n)
-            pos, tt, obs, action, reward, next_obs, done = (x[keep] for x in (pos, tt, obs, action, reward, next_obs, done))
+            pos, tt, obs, action, reward, next_obs, done = (
+                x[keep] for x in (pos, tt, obs, action, reward, next_obs, done))
         self.obs[tt, pos] = obs.to(self.obs.dtype)
         self.next_obs[tt, pos] = next_obs.to(self.obs.dtype)
         self.action[tt, pos] = action
