@@ -20,7 +20,8 @@ Gradients (as in SAC, everything else is a constant):
 - actor_loss:       log_prob, q1_pi, q2_pi (ties of min(q1_pi, q2_pi) split the gradient half/half,
                     like torch.minimum). alpha detached.
 - temperature_loss: log_alpha. log_prob detached.
-Double backward is not supported.
+Double backward is not supported, nor are torch.func's autograd transforms (torch.func.grad/vjp raise
+"cannot use C++ torch::autograd::Function with functorch transforms"); torch.autograd and torch.compile work.
 """
 
 import torch
