@@ -180,13 +180,13 @@ class ReplayBuffer:
     def add(self, obs, action, reward, next_obs, done, task_ids) -> None:
         """Writes one row per entry of ``task_ids``: obs/next_obs [N, *obs_shape], action [N, *action_shape],
         reward/done [N] (or [N, 1]); done = terminated only. Torch tensors or numpy arrays."""
-        if type(task_ids) is np.ndarray and task_ids.dtype == np.int64:
+        if type(task_ids) is np.ndarray and task_ids.dtype == np.int64 and task_ids.flags.c_contiguous:
             ids_np = task_ids
         else:
             ids_np = task_ids.detach().cpu().numpy() if isinstance(task_ids, torch.Tensor) else np.asarray(task_ids)
             if ids_np.dtype.kind not in "iu":
                 raise ValueError(f"add(): task_ids must hold integers (one task id per row), got dtype {ids_np.dtype}")
-            ids_np = ids_np.astype(np.int64, copy=False)
+            ids_np = np.ascontiguousarray(ids_np, dtype=np.int64)
         t = self._tensor
         # Task ids stay on the host: the op checks their range there, without a device sync.
         self._add_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added, t(obs, "obs"),

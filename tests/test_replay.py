@@ -512,3 +512,23 @@ def test_opcheck_and_compile():
 
     got = draw(rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added, offsets, *out)
     assert torch.equal(got, rb.obs[out[5], out[6]].sum(1) * rb.not_done[out[5], out[6]])
+
+
+# ----------------------------------------------------------------------------- CUDA (GPU nodes only)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU/CUDA parity of add and sample)")
+@pytest.mark.parametrize("obs_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu_exactly(obs_dtype):
+    T, C = 4, 16
+    cpu = ReplayBuffer(T, C, (7,), (3,), seed=11, obs_dtype=obs_dtype)
+    gpu = ReplayBuffer(T, C, (7,), (3,), seed=11, obs_dtype=obs_dtype, device="cuda")
+    rng = np.random.default_rng(0)
+    for ids in ([0, 1, 2, 3], [2, 2, 2], [0] * 40 + [1], [3, 1]):  # repeated ids, more rows than a ring holds
+        s = step(rng, T, 7, 3, ids=ids)
+        cpu.add(**s)
+        gpu.add(**s)
+    for name in ("obs", "action", "reward", "next_obs", "not_done", "added"):
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name
+    for weights in (None, [1, 0, 2, 1]):
+        for batch in (4, 37, 1280):
+            x, y = clone_batch(cpu.sample(batch, weights)), gpu.sample(batch, weights)
+            assert all(torch.equal(u, v.cpu()) for u, v in zip(x, y))
