@@ -148,6 +148,7 @@ class Experiment:
                         self.evaluate()
                     if step >= cfg.num_train_steps:
                         self.save_checkpoint()
+                        checkpoint.finish_run(self.run_dir, cfg.save.model.retain_last_n)
                         return "finished"
                     if (cfg.save.freq and step % cfg.save.freq == 0 and step > 0) or self.stop.requested:
                         self.save_checkpoint()
