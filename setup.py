@@ -29,9 +29,9 @@ def _want_cuda():
 
 def _extension():
     with_cuda = _want_cuda()
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     # One rounding everywhere: host and device must compute identical floats from the shared math.
-    nvcc = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++20", "--fmad=false", "-lineinfo"]
     kwargs = dict(
         name="mtrl_hpc._C",
         sources=_sources("*.cpp") + (_sources("*.cu") if with_cuda else []),
