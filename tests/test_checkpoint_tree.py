@@ -46,7 +46,7 @@ def same(a, b):
     return type(a) is type(b) and a == b
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(st.dictionaries(keys, trees, max_size=4))
 def test_any_tree_round_trips_and_checksum_matches(tree):
     with h5py.File("mem.h5", "w", driver="core", backing_store=False, track_order=True) as f:
