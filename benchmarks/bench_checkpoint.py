@@ -11,7 +11,7 @@ find_latest_good (verifies every checksum of the chain) and load. Wall time best
 
 Beyond the raw bytes, a checkpoint costs: sha256 of every byte (about 1 GB/s with SHA-NI, in a thread that
 overlaps the HDF5 writes when a core is free), about 1 ms per HDF5 object of the state tree (~200 objects for
-MT10 SAC: networks, three Adam states, RNG states), and five fsyncs (segment, checkpoint, their directory).
+MT10 SAC: networks, three Adam states, RNG states), and four fsyncs (segment, checkpoint, and the directory after each rename).
 """
 
 from __future__ import annotations

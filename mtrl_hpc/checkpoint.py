@@ -423,10 +423,9 @@ def _rotate(ckdir: pathlib.Path, step: int, retain_last_n: int) -> None:
                     needed.update(hdf5_tree._read_node(f["replay/chain"]))
         except (CheckpointError, KeyError, TreeError):
             return  # cannot tell what a retained checkpoint needs: delete no segment this time
-    for p in segdir.iterdir():
+    for p in segdir.iterdir():  # deletions need not be durable: a resurrected old file is rotated again
         if _SEG_RE.match(p.name) and p.name not in needed:
             p.unlink(missing_ok=True)
-    _fsync_dir(ckdir)
 
 
 # ============================================================================================ replay
