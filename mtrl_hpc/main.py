@@ -26,12 +26,13 @@ def run(cfg: DictConfig, run_dir: pathlib.Path) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = StopRequest().install()
     experiment = Experiment(cfg, run_dir, stop)
+    start_step = experiment.step
     try:
         outcome = experiment.run()
     finally:
         experiment.close()
     if outcome == "stopped":
-        stop.after_stop()
+        stop.after_stop(made_progress=experiment.step > start_step)
     else:
         stop.uninstall()
     return outcome

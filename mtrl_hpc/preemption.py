@@ -1,10 +1,35 @@
-"""Stop requests from the scheduler: SLURM and submitit signal a job (SIGTERM, SIGUSR1, SIGUSR2) some time
-before they kill it. The handler only records the request; the training loop checkpoints at its next
-safe point (an episode boundary) and returns, and then `after_stop()` asks for the job to be requeued."""
+"""Stop requests from the scheduler.
 
+SLURM warns a job before its time limit with the signal asked for in `--signal` (SIGUSR1 in slurm/*.sbatch,
+SIGUSR2 from submitit), and sends SIGTERM on `scancel`, preemption and `scontrol requeue`. The handler only
+records the request; the training loop checkpoints at its next safe point (an episode boundary) and returns,
+and then `after_stop()` decides what happens to the job:
+
+- after a warning signal (USR1/USR2) inside a SLURM job, the run requeues its own job (`scontrol requeue`), as
+  long as this allocation made progress. It does not go through submitit's handler, whose timeout budget
+  (`max_num_timeout`, 0 in hydra-submitit-launcher's defaults) would end a long run at its first time limit;
+  the requeued job runs the same submission again, in the same run directory, and resumes.
+- after SIGTERM nothing is requeued: SLURM itself requeues a preempted or `scontrol requeue`d job, and a job
+  cancelled with `scancel` must stay cancelled.
+"""
+
+import logging
+import os
 import signal
+import subprocess
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+log = logging.getLogger(__name__)
+
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, *WARNING_SIGNALS)
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` needs: `<array job>_<task>` for array jobs (submitit multiruns)."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 class StopRequest:
@@ -29,9 +54,18 @@ class StopRequest:
         self.signum = signum
         self.reason = signal.Signals(signum).name
 
-    def after_stop(self) -> None:
-        """Hand the signal to whoever handled it before us (submitit requeues the job there)."""
-        previous = self._previous.get(self.signum)
+    def after_stop(self, made_progress: bool) -> bool:
+        """Called once the checkpoint is written. Returns True when the job was requeued."""
         self.uninstall()
-        if callable(previous):
-            previous(self.signum, None)
+        job = slurm_job_id()
+        if job is None or self.signum not in WARNING_SIGNALS:
+            return False
+        if not made_progress:
+            log.error("stopped by %s without progress since the job started: not requeueing job %s", self.reason, job)
+            return False
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+            return False
+        log.warning("job %s requeued; it resumes from the checkpoint", job)
+        return True
