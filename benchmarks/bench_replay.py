@@ -160,6 +160,11 @@ def main() -> None:
 
     t_mtrl_add = timeit(mtrl_adds, number * 4)
 
+    rb16 = ReplayBuffer(T, C, (OBS,), (ACT,), seed=0, obs_dtype=torch.float16)
+    fill(rb16, None, C, rng)
+    t_ours16 = timeit(lambda: rb16.sample(B), number)
+    del rb16
+
     small = 1000
     mem = {}
     for dtype in (torch.float32, torch.float16):
@@ -172,6 +177,7 @@ def main() -> None:
     cold_gbps = out_bytes / t_cold / 1e9
     rows = [
         ("sample(1280): mtrl_hpc ReplayBuffer", f"{t_ours * 1e6:9.1f} us", ""),
+        ("sample(1280): mtrl_hpc, float16 obs", f"{t_ours16 * 1e6:9.1f} us", "outputs float32"),
         ("sample(1280): mtrl-style numpy buffer", f"{t_mtrl * 1e6:9.1f} us", f"mtrl_hpc is {t_mtrl / t_ours:5.1f}x faster (target >= 10x)"),
         (f"sample(1280): plain PyTorch stratified, {threads} thr", f"{t_ref * 1e6:9.1f} us", f"mtrl_hpc is {t_ref / t_ours:5.1f}x faster (target >= 2x)"),
         ("sample(1280): plain PyTorch stratified, 1 thr", f"{t_ref1 * 1e6:9.1f} us", f"mtrl_hpc is {t_ref1 / t_ours:5.1f}x faster (target >= 2x)"),

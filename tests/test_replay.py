@@ -532,3 +532,18 @@ def test_cuda_matches_cpu_exactly(obs_dtype):
         for batch in (4, 37, 1280):
             x, y = clone_batch(cpu.sample(batch, weights)), gpu.sample(batch, weights)
             assert all(torch.equal(u, v.cpu()) for u, v in zip(x, y))
+
+
+def test_float16_rows_convert_exactly_for_every_bit_pattern():
+    """sample() widens float16 storage to float32 (with F16C where the CPU has it): exact for all 65536 values."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.float16).clone()
+    values[torch.isnan(values)] = 0  # NaN payloads are not compared
+    rb = ReplayBuffer(1, 256, (256,), (1,), obs_dtype=torch.float16)
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in rb.state_dict().items()}
+    state["obs"] = values.view(1, 256, 256)
+    state["added"] = torch.tensor([256])
+    rb.load_state_dict(state)
+    b = rb.sample(4096)
+    assert torch.equal(b.obs, rb.obs[0, b.indices].float())
+    assert set(b.indices.tolist()) == set(range(256))

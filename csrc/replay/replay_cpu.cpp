@@ -8,6 +8,9 @@
 #include <torch/library.h>
 
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 
 #include "replay/replay.h"
@@ -97,13 +100,35 @@ inline void prefetch_bytes(const char* p, size_t n) {
   for (size_t k = 0; k < n; k += 64) __builtin_prefetch(p + k, 0, 0);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// float16 -> float32 with the F16C instructions (exact, like the scalar conversion, 8 values per instruction).
+// The build targets plain x86-64, so this function alone is compiled for F16C and used when the CPU has it.
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(float* dst, const c10::Half* src, int64_t n) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(s[i]);
+}
+const bool kHasF16C = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+#endif
+
 template <typename S>
 inline void load_obs_row(float* dst, const S* src, int64_t n) {
   if constexpr (std::is_same_v<S, float>) {
     std::memcpy(dst, src, n * sizeof(float));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    return;
   }
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (kHasF16C) {
+      half_to_float_f16c(dst, src, n);
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 template <typename S>
