@@ -108,10 +108,14 @@ def _string_bytes(arr: np.ndarray) -> bytes:
     return b"".join(len(b).to_bytes(8, "little") + b for b in items)
 
 
-class Digest:
-    """Collects one sha256 per HDF5 object; ``hexdigest()`` combines them in sorted path order.
+BLOCK_BYTES = 8 << 20  # an object's bytes are hashed in blocks of this size, in parallel
 
-    Large byte buffers are hashed in a worker thread (hashlib releases the GIL), overlapping with HDF5 I/O.
+
+class Digest:
+    """Collects one digest per HDF5 object; ``hexdigest()`` combines them in sorted path order.
+
+    An object's digest is sha256(header, sha256 of each 8 MiB block of its bytes, byte count): the blocks of
+    large arrays are hashed by worker threads (hashlib releases the GIL) while HDF5 writes the same bytes.
     """
 
     _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -120,13 +124,14 @@ class Digest:
     @classmethod
     def _executor(cls) -> concurrent.futures.ThreadPoolExecutor:
         if cls._pool is None or cls._pool_pid != os.getpid():  # a forked child has no worker thread: make one
-            cls._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrl_hpc-digest")
+            workers = max(1, min(4, os.cpu_count() or 1))
+            cls._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrl_hpc-digest")
             cls._pool_pid = os.getpid()
         return cls._pool
 
     def __init__(self, skip_attrs=()):
         self.skip_attrs = tuple(skip_attrs)
-        self._objects: dict[str, Any] = {}
+        self._objects: dict[str, tuple[bytes, list, int]] = {}
 
     def add(self, path: str, obj, chunks=None, known=None):
         """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays);
@@ -134,26 +139,56 @@ class Digest:
         header = _object_header(path, obj, self.skip_attrs, known)
         if obj is not None and isinstance(obj, h5py.Dataset) and chunks is None:
             chunks = [_read_dataset_bytes(obj)]
-        chunks = list(chunks or [])
-        if sum(memoryview(c).nbytes for c in chunks) > (1 << 20):
-            self._objects[path] = self._executor().submit(_hash_chunks, header, chunks)
+        blocks, total = _blocks(chunks or [])
+        if total > (1 << 20):
+            pool = self._executor()
+            digests = [pool.submit(_hash_pieces, pieces) for pieces in blocks]
         else:
-            self._objects[path] = _hash_chunks(header, chunks)
+            digests = [_hash_pieces(pieces) for pieces in blocks]
+        self._objects[path] = (header, digests, total)
 
     def hexdigest(self) -> str:
         total = hashlib.sha256()
         for path in sorted(self._objects):
-            value = self._objects[path]
-            digest = value.result() if isinstance(value, concurrent.futures.Future) else value
-            total.update(path.encode("utf-8") + b"\0" + digest)
+            header, digests, nbytes = self._objects[path]
+            h = hashlib.sha256(header)
+            for d in digests:
+                h.update(d.result() if isinstance(d, concurrent.futures.Future) else d)
+            h.update(nbytes.to_bytes(8, "little"))
+            total.update(path.encode("utf-8") + b"\0" + h.digest())
         return total.hexdigest()
 
 
-def _hash_chunks(header: bytes, chunks) -> bytes:
-    h = hashlib.sha256(header)
+def _as_bytes_view(c) -> memoryview:
+    if isinstance(c, (bytes, bytearray)):
+        return memoryview(c)
+    arr = np.ascontiguousarray(c)
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _blocks(chunks) -> tuple[list[list[memoryview]], int]:
+    """The concatenated bytes of ``chunks`` cut into BLOCK_BYTES blocks (lists of pieces); total byte count."""
+    blocks, current, filled, total = [], [], 0, 0
     for c in chunks:
-        mv = memoryview(c)
-        h.update(mv if mv.c_contiguous else np.ascontiguousarray(c))
+        mv = _as_bytes_view(c)
+        total += len(mv)
+        while len(mv):
+            take = min(BLOCK_BYTES - filled, len(mv))
+            current.append(mv[:take])
+            filled += take
+            mv = mv[take:]
+            if filled == BLOCK_BYTES:
+                blocks.append(current)
+                current, filled = [], 0
+    if current:
+        blocks.append(current)
+    return blocks, total
+
+
+def _hash_pieces(pieces) -> bytes:
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece)
     return h.digest()
 
 
