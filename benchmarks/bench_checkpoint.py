@@ -9,8 +9,8 @@ directory, an incremental checkpoint after 10,000 env steps (100,000 new rows) a
 find_latest_good (verifies every checksum of the chain) and load. Wall time best and median over the repeats
 (raw writes run before and after each checkpoint), CPU seconds of the process (all threads).
 
-Beyond the raw bytes, a checkpoint costs: sha256 of every byte (about 1 GB/s with SHA-NI, in a thread that
-overlaps the HDF5 writes when a core is free), about 1 ms per HDF5 object of the state tree (~200 objects for
+Beyond the raw bytes, a checkpoint costs: sha256 of every byte (0.7-1 GB/s per core with SHA-NI, in worker
+threads that overlap the HDF5 writes when a core is free), about 1 ms per HDF5 object of the state tree (~200 objects for
 MT10 SAC: networks, three Adam states, RNG states), and four fsyncs (segment, checkpoint, and the directory after each rename).
 """
 
