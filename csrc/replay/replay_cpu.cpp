@@ -131,13 +131,15 @@ inline void load_obs_row(float* dst, const S* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Copies rows [b0, b1) of the batch; every field of row b in one pass, prefetching a few rows ahead so that
+// the cache misses of several rows overlap (random rows of a large buffer come from DRAM).
 template <typename S>
 void gather_rows(const S* os, const S* ns, const float* as, const float* rs, const float* ds, const int64_t* tid,
-                 const int64_t* ind, int64_t B, int64_t C, int64_t O, int64_t A, float* oo, float* no, float* ao,
-                 float* ro, float* dout) {
+                 const int64_t* ind, int64_t b0, int64_t b1, int64_t C, int64_t O, int64_t A, float* oo, float* no,
+                 float* ao, float* ro, float* dout) {
   constexpr int64_t kAhead = 8;
-  for (int64_t b = 0; b < B; ++b) {
-    if (b + kAhead < B) {
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b + kAhead < b1) {
       const int64_t pr = tid[b + kAhead] * C + ind[b + kAhead];
       prefetch_bytes(reinterpret_cast<const char*>(os + pr * O), O * sizeof(S));
       prefetch_bytes(reinterpret_cast<const char*>(ns + pr * O), O * sizeof(S));
@@ -178,22 +180,28 @@ void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_sto
   int64_t* ind = indices.data_ptr<int64_t>();
   int64_t* tid = task_ids.data_ptr<int64_t>();
   const uint64_t useed = static_cast<uint64_t>(seed), uctr = static_cast<uint64_t>(counter);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t size = fill_count(cnt[t], C);
-    for (int64_t b = off[t]; b < off[t + 1]; ++b) {
-      ind[b] = draw_row(useed, uctr, static_cast<uint64_t>(b), size);
-      tid[b] = t;
-    }
-  }
-  // Gather: every field of row b in one pass, prefetching a few rows ahead to overlap the cache misses.
-  // Single-threaded on purpose: at 1280 rows the work is a few tens of microseconds, less than waking a thread
-  // pool on a shared 2-core node costs.
+  // Rows are split over at most a few threads (grain kGrainRows): with 1280 rows two threads overlap twice as
+  // many cache misses, which is what bounds this loop; small batches stay on the calling thread.
+  constexpr int64_t kGrainRows = 512;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, obs_store.scalar_type(), "replay_sample_cpu", [&] {
-    gather_rows<scalar_t>(obs_store.data_ptr<scalar_t>(), next_obs_store.data_ptr<scalar_t>(),
-                          action_store.data_ptr<float>(), reward_store.data_ptr<float>(),
-                          not_done_store.data_ptr<float>(), tid, ind, B, C, O, A, obs.data_ptr<float>(),
-                          next_obs.data_ptr<float>(), action.data_ptr<float>(), reward.data_ptr<float>(),
-                          not_done.data_ptr<float>());
+    const scalar_t* os = obs_store.data_ptr<scalar_t>();
+    const scalar_t* ns = next_obs_store.data_ptr<scalar_t>();
+    const float* as = action_store.data_ptr<float>();
+    const float* rs = reward_store.data_ptr<float>();
+    const float* ds = not_done_store.data_ptr<float>();
+    float* oo = obs.data_ptr<float>();
+    float* no = next_obs.data_ptr<float>();
+    float* ao = action.data_ptr<float>();
+    float* ro = reward.data_ptr<float>();
+    float* dout = not_done.data_ptr<float>();
+    at::parallel_for(0, B, kGrainRows, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t = task_of_row(off, T, b);
+        tid[b] = t;
+        ind[b] = draw_row(useed, uctr, static_cast<uint64_t>(b), fill_count(cnt[t], C));
+      }
+      gather_rows<scalar_t>(os, ns, as, rs, ds, tid, ind, b0, b1, C, O, A, oo, no, ao, ro, dout);
+    });
   });
 }
 
