@@ -5,7 +5,7 @@ same run:
   sample  mtrl_hpc ReplayBuffer.sample  vs  an mtrl-style numpy buffer (np.random.randint + fancy indexing +
           torch.as_tensor per field)  and  a plain PyTorch stratified reference (per-task index math +
           index_select per field, outputs preallocated);
-  gather  bytes of the sampled fields per second vs a plain copy (Tensor.copy_) of as many contiguous bytes;
+  gather  bytes of the sampled fields per second vs a plain memcpy (np.copyto) of as many contiguous bytes;
   add     one env step (10 rows, one call) vs ten mtrl-style single-transition adds (np.copyto per field);
   memory  storage bytes per transition, float32 and float16 observations.
 Times are the best of several repeats of a timed loop (on a shared node the minimum is the run least disturbed
@@ -142,13 +142,15 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     out_bytes = sum(x.numel() * x.element_size() for x in rb.sample(B)[:5])
-    src = torch.empty(out_bytes // 4)
-    dst = torch.empty_like(src)
-    t_copy = timeit(lambda: dst.copy_(src), number)  # source and destination stay in cache
-    big = torch.ones(rb.obs.numel() * 2)  # as large as the buffer: each copy reads bytes not in cache
-    slots = big.numel() // src.numel()
+    # Plain single-threaded memcpy (np.copyto) of as many bytes: from a source that stays in cache, and from
+    # a source as large as the buffer, so that each copy reads bytes from DRAM.
+    src = np.ones(out_bytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    t_copy = timeit(lambda: np.copyto(dst, src), number)
+    big = np.ones(rb.obs.numel() * 2, dtype=np.float32)
+    slots = big.size // src.size
     pos = iter(range(10**9))
-    t_cold = timeit(lambda: dst.copy_(big[(next(pos) * 7919 % slots) * src.numel():][:src.numel()]), number)
+    t_cold = timeit(lambda: np.copyto(dst, big[(next(pos) * 7919 % slots) * src.size:][:src.size]), number)
 
     step = dict(obs=rng.standard_normal((T, OBS)), action=rng.uniform(-1, 1, (T, ACT)), reward=rng.standard_normal(T),
                 next_obs=rng.standard_normal((T, OBS)), done=np.zeros(T, dtype=bool), task_ids=np.arange(T))
