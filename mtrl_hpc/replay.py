@@ -35,6 +35,11 @@ and are **reused by the next call of the same batch size**: clone what must outl
 does not synchronise with the host. ``add`` reads task ids on the host (task ids given as a CUDA tensor cost
 one sync).
 
+Performance notes: on the CPU, storage is allocated with transparent huge pages where Linux allows it (random
+rows of a large buffer then miss the TLB less) and ``sample`` draws and gathers 1280 rows on up to two threads
+(torch's intra-op pool, chunks of 512 rows); it is bound by DRAM latency, not by arithmetic. ``add`` costs
+one op call for the whole env step.
+
 State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;
 ``save_hdf5(group)`` / ``load_hdf5(group)`` with an open h5py group. Saving into a group that already holds a
 save of this buffer writes only the rows added since then (``last_save_rows`` tells how many rows per field).
