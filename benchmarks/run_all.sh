@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 for bench in bench_replay bench_losses bench_update bench_envs bench_checkpoint; do
   echo "=== benchmarks/$bench.py"
-  python "benchmarks/$bench.py" "$@"
+  python "benchmarks/$bench.py"
   echo
 done

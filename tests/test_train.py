@@ -88,3 +88,12 @@ def test_cli_runs_a_job(tmp_path):
     m = read_metrics(tmp_path)
     assert list(m["train/step"]) == [10, 20]
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_like_eager(tmp_path):
+    # agent.compile=true compiles the networks; the run must give the same metrics as eager up to float noise.
+    eager = train(tmp_path / "eager", "experiment.num_train_steps=30")
+    compiled = train(tmp_path / "compiled", "experiment.num_train_steps=30", "agent.compile=true")
+    np.testing.assert_allclose(compiled["train/critic_loss"], eager["train/critic_loss"], rtol=1e-3)
+    np.testing.assert_array_equal(compiled["train/step"], eager["train/step"])
