@@ -11,6 +11,9 @@ and then `after_stop()` decides what happens to the job:
   the requeued job runs the same submission again, in the same run directory, and resumes.
 - after SIGTERM nothing is requeued: SLURM itself requeues a preempted or `scontrol requeue`d job, and a job
   cancelled with `scancel` must stay cancelled.
+
+A batch script that requeues the job itself (slurm/train.sbatch, which also serves runs inside Apptainer,
+where `scontrol` is absent) sets MTRL_HPC_REQUEUE=0 to turn the run's own requeue off.
 """
 
 import logging
@@ -58,12 +61,16 @@ class StopRequest:
         """Called once the checkpoint is written. Returns True when the job was requeued."""
         self.uninstall()
         job = slurm_job_id()
-        if job is None or self.signum not in WARNING_SIGNALS:
+        if job is None or self.signum not in WARNING_SIGNALS or os.environ.get("MTRL_HPC_REQUEUE", "1") == "0":
             return False
         if not made_progress:
             log.error("stopped by %s without progress since the job started: not requeueing job %s", self.reason, job)
             return False
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.error("cannot run scontrol to requeue job %s (%s); the job ends here, resubmit it to resume", job, error)
+            return False
         if result.returncode != 0:
             log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
             return False
