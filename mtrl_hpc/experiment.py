@@ -56,6 +56,7 @@ class Experiment:
         self.num_tasks = self.env.num_tasks
         self.task_names = list(self.env.task_names)
         self.task_ids = torch.arange(self.num_tasks, device=self.device)
+        self.task_ids_host = np.arange(self.num_tasks)  # replay.add plans on the host: no device read
 
         self.agent = make_agent(cfg.agent, self.env.obs_dim, self.env.action_dim, self.num_tasks, self.device)
         self.replay = ReplayBuffer(self.num_tasks, cfg.replay_buffer.capacity // self.num_tasks, (self.env.obs_dim,),
@@ -171,7 +172,7 @@ class Experiment:
                     obs_t = torch.as_tensor(obs, device=self.device)
                     action = self.agent.act(obs_t, self.task_ids, sample=True).cpu().numpy()
                 result = self.env.step(action)
-                self.replay.add(obs, action, result.reward, result.obs, result.terminated, self.task_ids)
+                self.replay.add(obs, action, result.reward, result.obs, result.terminated, self.task_ids_host)
                 episode_reward += result.reward
                 np.maximum(episode_success, result.success, out=episode_success)
                 obs = result.obs
