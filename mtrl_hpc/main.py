@@ -50,6 +50,10 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError, MetricsError) as error:
         print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nmtrl_hpc: interrupted. To continue from the newest checkpoint: python -m mtrl_hpc.main "
+              f"<same overrides> hydra.run.dir={run_dir}", file=sys.stderr, flush=True)
+        sys.exit(130)
     if outcome == "stopped":
         sys.exit(EXIT_STOPPED)
     log.info("run finished: %s", run_dir)
