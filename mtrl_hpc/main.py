@@ -51,8 +51,9 @@ def main(cfg: DictConfig) -> None:
         print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        where = f"setup.save_dir={run_dir}" if cfg.setup.save_dir else f"hydra.run.dir={run_dir}"
         print(f"\nmtrl_hpc: interrupted. To continue from the newest checkpoint: python -m mtrl_hpc.main "
-              f"<same overrides> hydra.run.dir={run_dir}", file=sys.stderr, flush=True)
+              f"<same overrides> {where}", file=sys.stderr, flush=True)
         sys.exit(130)
     if outcome == "stopped":
         sys.exit(EXIT_STOPPED)
