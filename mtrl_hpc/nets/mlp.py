@@ -67,7 +67,7 @@ class StackedMLP(nn.Module):
         for i, layer in enumerate(self.trunk):
             x = layer(x)
             if i < len(self.trunk) - 1 or self.multi_head:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place: baddbmm's backward does not need its output
         if not self.multi_head:
             return x
         members, rows, features = x.shape
@@ -80,7 +80,7 @@ class StackedMLP(nn.Module):
         for i, layer in enumerate(self.heads):
             x = layer(x)
             if i < len(self.heads) - 1:
-                x = torch.relu(x)
+                x = torch.relu_(x)
         return x.reshape(members, rows, -1)
 
 
