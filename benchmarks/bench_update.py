@@ -165,6 +165,7 @@ def main():
         print(f"{'eager reference (' + label + ')':<34}{e:>12.1f}{1e3 / e:>12.2f}{1.0:>10.2f}")
         print(f"{'mtrl_hpc (' + label + ')':<34}{o:>12.1f}{1e3 / o:>12.2f}{e / o:>10.2f}")
         if args.compile:
+            torch._dynamo.reset()  # a fresh compile cache per variant
             comp = make_ours(multi_head, compile_=True)
             c = time_updates(lambda i: comp.update(batch, i), args.repeats)
             print(f"{'mtrl_hpc compile (' + label + ')':<34}{c:>12.1f}{1e3 / c:>12.2f}{e / c:>10.2f}")
