@@ -64,20 +64,13 @@ def run_state():
 
 
 def make_replay():
-    try:
-        from mtrl_hpc.replay import ReplayBuffer
+    from mtrl_hpc.replay import ReplayBuffer
 
-        replay = ReplayBuffer(T, CAP, (OBS,), (ACT,), seed=0)
-    except ImportError:  # the compiled extension is not built: a stand-in with the same state_dict
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-        from test_checkpoint import TinyReplay
-
-        replay = TinyReplay(T, CAP, (OBS,), (ACT,))
-    sd = replay.state_dict()
+    replay = ReplayBuffer(T, CAP, (OBS,), (ACT,), seed=0)
     gen = torch.Generator().manual_seed(0)
-    for t in checkpoint._flatten(sd).values():
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.is_floating_point():
-            t.copy_(torch.randn(t.shape, generator=gen))
+    for name in ("obs", "action", "reward", "next_obs", "not_done"):
+        t = getattr(replay, name)
+        t.copy_(torch.randn(t.shape, generator=gen))
     return replay
 
 
@@ -88,18 +81,13 @@ def add_env_steps(replay, n):
     act = torch.randn(n, T, ACT)
     rew = torch.randn(n, T)
     done = torch.zeros(n, T)
-    if hasattr(replay, "added") and not hasattr(replay, "total_added"):
-        for i in range(n):
-            replay.add(obs[i], act[i], rew[i], obs[i], done[i], ids)
-    else:
-        replay.add(obs, act, rew[..., None], obs, done[..., None] > 0)
+    for i in range(n):
+        replay.add(obs[i], act[i], rew[i], obs[i], done[i], ids)
 
 
 def set_full(replay):
     sd = replay.state_dict()
-    for name in ("added", "total_added", "size"):
-        if name in sd:
-            sd[name].fill_(CAP)
+    sd["added"].fill_(CAP)
     replay.load_state_dict(sd)
 
 

@@ -9,18 +9,21 @@ A checkpoint file holds, at its root, the attributes ``format`` ("mtrl_hpc.check
 ``step``, ``created_utc``, ``version_<lib>`` (python, torch, numpy, h5py, hdf5, mtrl_hpc, metaworld) and
 ``sha256``: a checksum over every object, attribute and byte in the file except itself (see
 ``mtrl_hpc.hdf5_tree``). ``/state`` is the state tree, ``/config`` the resolved config as a YAML string,
-``/replay`` (optional) the replay buffer's small state and the chain of segments holding its rows.
+``/replay`` (optional) the chain of replay segments (names, checksums, delta rows) and the buffer's add counts.
 
 Every file is written to a hidden temporary name in the same directory, flushed, fsynced, chmod 0o644,
 renamed over its final name, and the directory is fsynced. Files are never modified after the rename, so a
 crash (or kill -9) at any moment leaves every earlier checkpoint intact.
 
-Replay buffer rows are stored incrementally as a chain of immutable segment files. A segment holds the rows
-each task wrote since the previous checkpoint (found from the buffer's per-task monotonic add counters) plus
-the name of its parent; a ``base`` segment holds every filled row. A checkpoint lists its whole chain (base
-first) with each segment's checksum. A new base is written when the delta rows of the chain would exceed the
-buffer size, so a chain never holds more than twice the buffer. Rotation deletes a segment only when no
-retained checkpoint lists it. Restoring applies the chain in order and reproduces ``state_dict()`` exactly.
+Replay buffer rows are stored incrementally as a chain of immutable segment files. The buffer owns the row
+format: a segment holds, in its ``/replay`` group, what ``replay.save_hdf5(group, since=...)`` writes there: the
+rows each task added since the parent checkpoint (``since`` = the buffer's ``added_counts()`` then) and its small
+state (add counts, sample counter, seed, layout); a ``base`` segment (``since=None``) holds every filled row.
+The segment's root records its kind and parent. A checkpoint lists its whole chain (base first) with each
+segment's checksum and the add counts at its end. A new base is written when the delta rows of the chain would
+exceed the buffer size, so a chain never holds more than twice the buffer. Rotation deletes a segment only
+when no retained checkpoint lists it. Restoring calls ``replay.load_hdf5`` on each segment of the chain in
+order and reproduces ``state_dict()`` exactly.
 
 ``retain_last_n``: the number of checkpoints kept. ``-1`` keeps all. ``n >= 1`` keeps the ``n`` newest after
 each successful write. ``0`` keeps no checkpoint after the run: while the run is in progress the newest one is
@@ -31,7 +34,6 @@ by the training loop when the run has completed, deletes all of them.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pathlib
 import re
@@ -60,12 +62,6 @@ _STEP_RE = re.compile(r"^step_(\d{12})\.h5$")
 _SEG_RE = re.compile(r"^seg_(\d{12})_[0-9a-f]{8}\.h5$")
 _TMP_PREFIX = ".tmp-"
 
-# Names under which a replay buffer's state_dict may hold its per-task counters (last path component).
-ADDED_KEYS = ("total_added", "num_added", "added", "add_count", "add_counts", "adds", "total_adds")
-CURSOR_KEYS = ("cursor", "cursors", "pos", "position", "positions", "ptr", "idx", "index", "head", "heads")
-FILL_KEYS = ("size", "sizes", "fill", "fills", "filled", "num_filled", "count", "counts", "fill_count", "fill_counts")
-
-
 class CheckpointError(Exception):
     """A checkpoint cannot be written, verified or restored; the message says which file and what to do."""
 
@@ -85,7 +81,8 @@ def save(run_dir, step: int, state: dict, replay=None, config_yaml: str = "", re
     """Writes ``<run_dir>/checkpoints/step_<step>.h5`` atomically, then rotates; returns its path.
 
     ``state`` is a state tree (see ``mtrl_hpc.hdf5_tree``): e.g. networks' and optimizers' ``state_dict()``,
-    ``log_alpha``, RNG states, counters. ``replay`` (optional) is stored incrementally (see module doc).
+    ``log_alpha``, RNG states, counters. ``replay`` (optional, a ``mtrl_hpc.replay.ReplayBuffer``) is stored incrementally
+    (see the module doc).
     """
     if not isinstance(step, (int, np.integer)) or step < 0:
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
@@ -156,8 +153,8 @@ def verify(path) -> None:
 def load(path, replay=None) -> tuple[dict, str]:
     """Verifies and reads a checkpoint: returns (state tree with CPU torch tensors, config YAML string).
 
-    With ``replay`` given, its contents are restored in place (``replay.load_state_dict``) from the
-    checkpoint's segment chain; a later ``save`` with the same buffer continues that chain.
+    With ``replay`` given, its contents are restored in place from the checkpoint's segment chain
+    (``replay.load_hdf5`` on each segment); a later ``save`` with the same buffer continues that chain.
     """
     path = pathlib.Path(path)
     if not _VERIFIED.get(_identity(path)):
@@ -430,212 +427,47 @@ def _rotate(ckdir: pathlib.Path, step: int, retain_last_n: int) -> None:
 
 # ============================================================================================ replay
 
-
-class _ReplayLayout:
-    """What the checkpoint needs to know about a replay buffer, read from its public state.
-
-    Storage fields are the tensors of ``state_dict()`` shaped [num_tasks, capacity_per_task, ...] (task axis 0)
-    or [capacity_per_task, num_tasks, ...] (task axis 1); everything else is small state stored whole.
-    Per-task counters are found by name (``ADDED_KEYS``, ``CURSOR_KEYS``, ``FILL_KEYS``).
-    """
-
-    def __init__(self, replay):
-        self.num_tasks = int(_attr(replay, ("num_tasks", "n_tasks")))
-        self.capacity = int(_attr(replay, ("capacity_per_task", "capacity")))
-        sd = replay.state_dict()
-        if not isinstance(sd, Mapping):
-            raise CheckpointError(f"replay.state_dict() returned {type(sd).__name__}, expected a dict")
-        self.flat = _flatten(sd)
-        T, C = self.num_tasks, self.capacity
-        self.fields: list[tuple[tuple, int]] = []  # (path, task_axis)
-        for key, v in self.flat.items():
-            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.numel() > 0:
-                if tuple(v.shape[:2]) == (T, C):
-                    self.fields.append((key, 0))
-                elif tuple(v.shape[:2]) == (C, T):
-                    self.fields.append((key, 1))
-        if not self.fields:
-            raise CheckpointError(
-                "the replay buffer's state_dict() has no tensor shaped [num_tasks, capacity_per_task, ...] "
-                f"(num_tasks={T}, capacity_per_task={C}); cannot store its rows"
-            )
-        self.added = self._counter(ADDED_KEYS)
-        self.cursor = self._counter(CURSOR_KEYS)
-        self.fill = self._counter(FILL_KEYS)
-
-    def _counter(self, names) -> np.ndarray | None:
-        for key, v in self.flat.items():
-            if key[-1] in names and isinstance(v, (torch.Tensor, np.ndarray, int, list)):
-                arr = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v).astype(np.int64)
-                if arr.shape == ():
-                    return np.full(self.num_tasks, int(arr), dtype=np.int64)
-                if arr.shape == (self.num_tasks,):
-                    return arr
-        return None
-
-    def filled(self) -> np.ndarray:
-        if self.fill is not None:
-            return np.minimum(self.fill, self.capacity)
-        if self.added is not None:
-            return np.minimum(self.added, self.capacity)
-        return np.full(self.num_tasks, self.capacity, dtype=np.int64)  # unknown: every row
-
-    def cursors(self) -> np.ndarray:
-        return self.cursor % self.capacity if self.cursor is not None else self.added % self.capacity
-
-
-def _attr(obj, names):
-    for n in names:
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    raise CheckpointError(f"the replay buffer has none of the attributes {names}; the checkpoint needs them")
-
-
-def _flatten(tree: Mapping, prefix=()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        node = out
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = v
-    return out
-
-
+# The segment chain each replay buffer object last saved to or was restored from: a later save continues it.
 _CHAINS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_CHAINS_BY_ID: dict[int, dict] = {}
-_warned_no_counter = False
-
-
-def _chain_of(replay) -> dict | None:
-    try:
-        return _CHAINS.get(replay)
-    except TypeError:
-        return _CHAINS_BY_ID.get(id(replay))
 
 
 def _remember_chain(replay, ckdir: pathlib.Path, header: dict) -> None:
-    info = {"ckdir": str(ckdir.resolve()), **{k: header[k] for k in ("chain", "chain_sha256", "chain_rows")},
-            "added": np.asarray(header["added"]).copy(), "signature": header["signature"]}
-    try:
-        _CHAINS[replay] = info
-    except TypeError:
-        _CHAINS_BY_ID[id(replay)] = info
-
-
-def _signature(layout: _ReplayLayout) -> str:
-    parts = [f"T={layout.num_tasks}", f"C={layout.capacity}"]
-    for key, axis in layout.fields:
-        v = layout.flat[key]
-        parts.append(f"{'/'.join(map(str, key))}:{tuple(v.shape)}:{v.dtype}:{axis}")
-    return ";".join(parts)
-
-
-def _task_rows(t: torch.Tensor, axis: int, task: int, start: int, count: int) -> np.ndarray:
-    rows = t[task, start:start + count] if axis == 0 else t[start:start + count, task]
-    raw = hdf5_tree._RAW_DTYPES.get(rows.dtype)
-    rows = rows.detach().cpu().contiguous()
-    return (rows.view(raw) if raw is not None else rows).numpy()
+    _CHAINS[replay] = {"ckdir": str(ckdir.resolve()), "added": np.asarray(header["added"], dtype=np.int64).copy(),
+                       **{k: header[k] for k in ("chain", "chain_sha256", "chain_rows")}}
 
 
 def _save_replay(ckdir: pathlib.Path, step: int, replay) -> dict:
-    global _warned_no_counter
-    layout = _ReplayLayout(replay)
-    T, C = layout.num_tasks, layout.capacity
-    signature = _signature(layout)
-    prev = _chain_of(replay)
     segdir = ckdir / "replay"
     _makedirs(segdir)
-
-    runs: list[tuple[int, int, int]] | None = None
-    if layout.added is None:
-        if not _warned_no_counter:
-            warnings.warn("the replay buffer exposes no per-task add counter (one of "
-                          f"{ADDED_KEYS} in its state_dict); every checkpoint stores the whole buffer", stacklevel=3)
-            _warned_no_counter = True
-    elif (prev is not None and prev["ckdir"] == str(ckdir.resolve()) and prev["signature"] == signature
-          and all((segdir / n).exists() for n in prev["chain"])):
-        new = layout.added - prev["added"]
-        if (new >= 0).all():
-            runs = []
-            end = layout.cursors()
-            for task in range(T):
-                n = int(min(new[task], C))
-                start = int((end[task] - n) % C)
-                first = min(n, C - start)
-                if first:
-                    runs.append((task, start, first))
-                if n - first:
-                    runs.append((task, 0, n - first))
-            if prev["chain_rows"] + sum(r[2] for r in runs) > T * C:
-                runs = None  # the chain would outgrow the buffer: start a new base
-    if runs is None:
+    added = replay.added_counts()
+    capacity, total = replay.capacity_per_task, replay.num_tasks * replay.capacity_per_task
+    prev = _CHAINS.get(replay)
+    since = None
+    if (prev is not None and prev["ckdir"] == str(ckdir.resolve()) and prev["added"].shape == added.shape
+            and (added >= prev["added"]).all() and all((segdir / n).exists() for n in prev["chain"])):
+        delta_rows = int(np.minimum(added - prev["added"], capacity).sum())
+        if prev["chain_rows"] + delta_rows <= total:  # else the chain would outgrow the buffer: a new base
+            since = prev["added"]
+    if since is None:
         kind, parent, chain, chain_sha, chain_rows = "base", "", [], [], 0
-        runs = [(task, 0, int(n)) for task, n in enumerate(layout.filled()) if n > 0]
     else:
         kind, parent = "delta", prev["chain"][-1]
-        chain, chain_sha, chain_rows = list(prev["chain"]), list(prev["chain_sha256"]), prev["chain_rows"]
-
-    name = f"seg_{step:012d}_{secrets.token_hex(4)}.h5"
-    delta_rows = sum(r[2] for r in runs) if kind == "delta" else 0
-    n_rows = sum(r[2] for r in runs)
+        chain, chain_sha = list(prev["chain"]), list(prev["chain_sha256"])
+        chain_rows = prev["chain_rows"] + delta_rows
 
     def body(f: h5py.File, digest: Digest):
         f.attrs["step"] = step
         f.attrs["kind"] = kind
         f.attrs["parent"] = parent
-        runs_arr = np.array(runs, dtype=np.int64).reshape(-1, 3)
-        ds = f.create_dataset("runs", data=runs_arr)
-        digest.add("/runs", ds, [runs_arr])
-        fields = f.create_group("fields")
-        for i, (key, axis) in enumerate(layout.fields):
-            t = layout.flat[key]
-            raw = hdf5_tree._RAW_DTYPES.get(t.dtype, t.dtype)
-            np_dtype = torch.empty(0, dtype=raw).numpy().dtype
-            row_shape = tuple(t.shape[2:])
-            ds = fields.create_dataset(f"f{i}", shape=(n_rows, *row_shape), dtype=np_dtype)
-            chunks = [_task_rows(t, axis, task, start, count) for task, start, count in runs]
-            digest.add(f"/fields/f{i}", ds, chunks)  # hashed in the digest thread while HDF5 writes the rows
-            off = 0
-            for rows in chunks:
-                ds[off:off + len(rows)] = rows
-                off += len(rows)
-        digest.add("/fields", fields, [])
+        try:
+            replay.save_hdf5(f.create_group("replay"), since=since, digest=digest)
+        except ValueError as e:
+            raise CheckpointError(f"cannot store the replay buffer for step {step}: {e}") from None
 
-    sha = _write_atomic(segdir / name, SEGMENT_FORMAT, body)
+    name = f"seg_{step:012d}_{secrets.token_hex(4)}.h5"
     chain.append(name)
-    chain_sha.append(sha)
-    chain_rows += delta_rows
-
-    small = {}
-    field_keys = {key for key, _ in layout.fields}
-    for key, v in layout.flat.items():
-        if key not in field_keys:
-            small[key] = v
-    return {
-        "signature": signature,
-        "num_tasks": T,
-        "capacity_per_task": C,
-        "chain": chain,
-        "chain_sha256": chain_sha,
-        "chain_rows": int(chain_rows),
-        "added": layout.added if layout.added is not None else np.zeros(0, dtype=np.int64),
-        "small": _unflatten(small),
-        "fields_json": json.dumps([
-            {"path": list(key), "task_axis": axis, "shape": list(layout.flat[key].shape),
-             "torch_dtype": str(layout.flat[key].dtype)}
-            for key, axis in layout.fields
-        ]),
-    }
+    chain_sha.append(_write_atomic(segdir / name, SEGMENT_FORMAT, body))
+    return {"chain": chain, "chain_sha256": chain_sha, "chain_rows": int(chain_rows), "added": added}
 
 
 def _read_replay_header(f: h5py.File, path: pathlib.Path) -> dict | None:
@@ -643,7 +475,9 @@ def _read_replay_header(f: h5py.File, path: pathlib.Path) -> dict | None:
         return None
     try:
         header = read_tree(f["replay"])
-        header["fields"] = json.loads(header.pop("fields_json"))
+        header["added"] = np.asarray(header["added"], dtype=np.int64)
+        if len(header["chain"]) != len(header["chain_sha256"]) or not header["chain"]:
+            raise ValueError("chain and chain_sha256 differ in length or are empty")
         return header
     except (KeyError, TreeError, ValueError) as e:
         raise CheckpointError(f"{path}: its replay header is damaged ({e}); delete it") from None
@@ -662,45 +496,20 @@ def _verify_segment(seg: pathlib.Path, expected_sha: str, ckpt: pathlib.Path) ->
 
 
 def _load_replay(path: pathlib.Path, header: dict, replay) -> None:
-    layout = _ReplayLayout(replay)
-    if _signature(layout) != header["signature"]:
-        raise CheckpointError(
-            f"{path} holds a replay buffer shaped {header['signature']!r}, but the buffer passed to load() is "
-            f"shaped {_signature(layout)!r}; build the buffer with the checkpoint's config (num tasks, capacity, "
-            "obs/action shapes, obs dtype)"
-        )
-    arrays = []
-    for spec in header["fields"]:
-        raw = hdf5_tree._RAW_DTYPES.get(hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]])
-        dtype = raw or hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]]
-        arrays.append(torch.zeros(spec["shape"], dtype=dtype).numpy())
+    """Applies the chain's segments in order (base first) with ``replay.load_hdf5``."""
     for name in header["chain"]:
         seg = path.parent / "replay" / name
         with _open(seg, SEGMENT_FORMAT) as f:
-            runs = f["runs"][()]
-            for i, (spec, arr) in enumerate(zip(header["fields"], arrays)):
-                data = f[f"fields/f{i}"][()]
-                off = 0
-                for task, start, count in runs.tolist():
-                    if spec["task_axis"] == 0:
-                        arr[task, start:start + count] = data[off:off + count]
-                    else:
-                        arr[start:start + count, task] = data[off:off + count]
-                    off += count
-    flat = {}
-    small = header["small"]
-    for key, v in _flatten(small).items():
-        flat[key] = v
-    for spec, arr in zip(header["fields"], arrays):
-        key = tuple(spec["path"])
-        t = torch.from_numpy(arr)
-        dtype = hdf5_tree._TORCH_DTYPES[spec["torch_dtype"]]
-        flat[key] = t.view(dtype) if dtype in hdf5_tree._RAW_DTYPES else t
-    sd = _unflatten(flat)
-    try:
-        replay.load_state_dict(sd)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"the replay buffer rejected the state restored from {path}: {e}") from None
+            try:
+                replay.load_hdf5(f["replay"])
+            except ValueError as e:
+                raise CheckpointError(
+                    f"cannot restore the replay buffer of {path} from {seg.name}: {e}; build the buffer with the "
+                    "checkpoint's config (num tasks, capacity, obs/action shapes, obs dtype)"
+                ) from None
+    if not np.array_equal(replay.added_counts(), header["added"]):
+        raise CheckpointError(f"the replay chain of {path} ends at add counts {replay.added_counts().tolist()}, but "
+                              f"the checkpoint lists {header['added'].tolist()}; delete it")
     _remember_chain(replay, path.parent, header)
 
 

@@ -41,14 +41,14 @@ rows of a large buffer then miss the TLB less) and ``sample`` draws and gathers 
 one op call for the whole env step.
 
 State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;
-``save_hdf5(group)`` / ``load_hdf5(group)`` with an open h5py group. Saving into a group that already holds a
-save of this buffer writes only the rows added since then (``last_save_rows`` tells how many rows per field).
+``save_hdf5(group, since=None)`` / ``load_hdf5(group)`` with open h5py groups: a full save holds every filled
+row; a delta save (``since`` = the add counts ``added_counts()`` returned at the previous save) holds only the
+rows added after it. Loading the full save and then each delta in order reproduces ``state_dict()`` exactly.
 """
 
 from __future__ import annotations
 
 import ctypes
-import secrets
 import sys
 from typing import Any, NamedTuple
 
@@ -152,8 +152,6 @@ class ReplayBuffer:
         # Host copy of `added`, so planning a batch never reads the device. On the CPU it is `added` itself.
         self._on_cpu = dev.type == "cpu"
         self._added_host = self.added.numpy() if self._on_cpu else np.zeros(T, dtype=np.int64)
-        self._uid = secrets.randbits(63)  # identifies this buffer's history in HDF5 groups (incremental saves)
-        self.last_save_rows = 0
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self._offsets: dict[tuple, torch.Tensor] = {}
         self._eligible = np.zeros(0, dtype=np.int64)  # tasks holding data, ascending
@@ -315,7 +313,7 @@ class ReplayBuffer:
         return {
             "obs": self.obs, "action": self.action, "reward": self.reward, "next_obs": self.next_obs,
             "not_done": self.not_done, "added": self.added,
-            "sample_counter": self.sample_counter, "seed": self.seed, "uid": self._uid,
+            "sample_counter": self.sample_counter, "seed": self.seed,
             "num_tasks": self.num_tasks, "capacity_per_task": self.capacity_per_task,
         }
 
@@ -342,19 +340,47 @@ class ReplayBuffer:
             src = state[name]
             if src.data_ptr() != getattr(self, name).data_ptr():
                 getattr(self, name).copy_(src)
-        self._set_counters(added.numpy(), int(state["sample_counter"]), int(state["seed"]),
-                           int(state.get("uid", secrets.randbits(63))))
+        self._set_counters(added.numpy(), int(state["sample_counter"]), int(state["seed"]))
 
-    def _set_counters(self, added: np.ndarray, sample_counter: int, seed: int, uid: int) -> None:
+    def _set_counters(self, added: np.ndarray, sample_counter: int, seed: int) -> None:
         self._added_host[...] = added
         self.sample_counter = sample_counter
         self.seed = seed & _MASK64
-        self._uid = uid
         self._eligible = np.zeros(0, dtype=np.int64)
         self._offsets.clear()
         self._refresh_eligible()
 
     # ---------------------------------------------------------------- HDF5
+    def added_counts(self) -> np.ndarray:
+        """Per-task counts of transitions ever added (a host int64 copy; no device sync)."""
+        return self._added_host.copy()
+
+    def _check_since(self, since) -> np.ndarray:
+        if since is None:
+            return np.zeros(self.num_tasks, dtype=np.int64)
+        since = np.asarray(since)
+        if since.shape != (self.num_tasks,) or since.dtype.kind not in "iu":
+            raise ValueError(f"save_hdf5(): since must be {self.num_tasks} integer add counts (one per task), got "
+                             f"shape {since.shape} dtype {since.dtype}")
+        since = since.astype(np.int64)
+        if np.any(since < 0) or np.any(since > self._added_host):
+            raise ValueError(f"save_hdf5(): since {since.tolist()} must lie between 0 and the buffer's add counts "
+                             f"{self._added_host.tolist()}")
+        return since
+
+    def _runs(self, since: np.ndarray, added: np.ndarray) -> list[tuple[int, int, int]]:
+        """(task, start slot, count) of the rows each task added after ``since``, oldest first; a task that
+        added ``capacity_per_task`` rows or more contributes its whole ring."""
+        C, runs = self.capacity_per_task, []
+        for t in np.flatnonzero(added > since).tolist():
+            n = int(min(added[t] - since[t], C))
+            start = int((added[t] - n) % C)
+            first = min(n, C - start)
+            runs.append((t, start, first))
+            if n > first:
+                runs.append((t, 0, n - first))
+        return runs
+
     def _disk_dtype(self):
         return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[self.obs_dtype]
 
@@ -365,64 +391,52 @@ class ReplayBuffer:
         rows = rows.cpu().numpy()
         return rows.view(np.uint16) if rows.dtype == np.int16 else rows
 
-    def _group_matches(self, group) -> bool:
-        a = group.attrs
-        try:
-            return (a.get("format") == _FORMAT and int(a["uid"]) == self._uid
-                    and int(a["num_tasks"]) == self.num_tasks and int(a["capacity_per_task"]) == self.capacity_per_task
-                    and tuple(a["obs_shape"]) == self.obs_shape and tuple(a["action_shape"]) == self.action_shape
-                    and a["obs_dtype"] == _OBS_DTYPES[self.obs_dtype]
-                    and all(name in group for name in (*_FIELDS, "added")))
-        except (KeyError, TypeError, ValueError):
-            return False
+    def save_hdf5(self, group, since=None, digest=None) -> int:
+        """Writes into the open h5py ``group`` the rows each task added after the per-task add counts ``since``
+        (int [num_tasks], e.g. ``added_counts()`` at an earlier save; None: every filled row) and the small state
+        (add counts, sample counter, seed, layout). Returns the number of rows written per field.
 
-    def save_hdf5(self, group) -> None:
-        """Saves into an open h5py group. If the group holds an earlier save of this buffer, only the rows written
-        since then are rewritten; otherwise the group's replay datasets are (re)created."""
-        T, C = self.num_tasks, self.capacity_per_task
-        added = self._added_host
-        if self._group_matches(group):
-            before = group["added"][...].astype(np.int64)
-        else:
-            for name in (*_FIELDS, "added"):
-                if name in group:
-                    del group[name]
-            shapes = {"obs": self.obs_shape, "next_obs": self.obs_shape, "action": self.action_shape,
-                      "reward": (), "not_done": ()}
-            for name, trailing in shapes.items():
-                dtype = self._disk_dtype() if name in ("obs", "next_obs") else np.float32
-                row_bytes = max(1, int(np.prod(trailing, dtype=np.int64)) * np.dtype(dtype).itemsize)
-                chunk_rows = max(1, min(C, (1 << 20) // row_bytes))
-                group.create_dataset(name, shape=(T, C, *trailing), dtype=dtype, chunks=(1, chunk_rows, *trailing),
-                                     fillvalue=0)
-            group.create_dataset("added", data=np.zeros(T, dtype=np.int64))
-            before = np.zeros(T, dtype=np.int64)
-        rows_written = 0
-        for t in range(T):
-            new = int(added[t] - before[t])
-            if new == 0:
-                continue
-            if new < 0 or new >= C:  # a diverged history or a whole lap: rewrite the filled rows
-                ranges = [(0, min(int(added[t]), C))]
-            else:  # slots before % C ... (added - 1) % C, at most two contiguous ranges
-                start, stop = int(before[t] % C), int(before[t] % C) + new
-                ranges = [(start, min(stop, C))] + ([(0, stop - C)] if stop > C else [])
-            for start, stop in ranges:
-                for name in _FIELDS:
-                    group[name][t, start:stop] = self._rows_numpy(name, t, start, stop)
-                rows_written += stop - start
-        group["added"][...] = added
+        Group layout: attributes ``format``, ``num_tasks``, ``capacity_per_task``, ``obs_shape``,
+        ``action_shape``, ``obs_dtype``, ``seed``, ``sample_counter``; datasets ``since`` and ``added`` [T] int64,
+        ``runs`` [R, 3] int64 (task, start slot, count) and one dataset per field holding the rows of all runs
+        in order (bfloat16 obs as uint16 bits). ``digest`` (an ``mtrl_hpc.hdf5_tree.Digest``, optional) hashes
+        every written object as it is written.
+        """
+        since = self._check_since(since)
+        added = self._added_host.copy()
+        runs = self._runs(since, added)
+        n_rows = sum(r[2] for r in runs)
+        prefix = group.name.rstrip("/")
         a = group.attrs
         a["format"] = _FORMAT
-        a["uid"] = np.int64(self._uid)
-        a["num_tasks"], a["capacity_per_task"] = T, C
+        a["num_tasks"], a["capacity_per_task"] = self.num_tasks, self.capacity_per_task
         a["obs_shape"], a["action_shape"] = np.array(self.obs_shape), np.array(self.action_shape)
         a["obs_dtype"] = _OBS_DTYPES[self.obs_dtype]
         a["seed"], a["sample_counter"] = np.uint64(self.seed), np.uint64(self.sample_counter & _MASK64)
-        self.last_save_rows = rows_written
+        if digest is not None:
+            digest.add(group.name, group, [])
+        for name, data in (("since", since), ("added", added), ("runs", np.array(runs, dtype=np.int64).reshape(-1, 3))):
+            ds = group.create_dataset(name, data=data)
+            if digest is not None:
+                digest.add(f"{prefix}/{name}", ds, [data])
+        trailing = {"obs": self.obs_shape, "next_obs": self.obs_shape, "action": self.action_shape,
+                    "reward": (), "not_done": ()}
+        for name in _FIELDS:
+            dtype = self._disk_dtype() if name in ("obs", "next_obs") else np.float32
+            ds = group.create_dataset(name, shape=(n_rows, *trailing[name]), dtype=dtype)
+            pieces = [self._rows_numpy(name, t, start, start + count) for t, start, count in runs]
+            if digest is not None:  # hashed by the digest's worker threads while HDF5 writes the same bytes
+                digest.add(f"{prefix}/{name}", ds, pieces)
+            off = 0
+            for rows in pieces:
+                ds[off:off + len(rows)] = rows
+                off += len(rows)
+        return n_rows
 
     def load_hdf5(self, group) -> None:
-        """Restores storage, fill counts, cursors and the RNG counter exactly from a group written by save_hdf5."""
+        """Applies a group written by ``save_hdf5``: its rows and counters. A group saved with ``since=None``
+        replaces the whole contents; a group saved with ``since`` (a delta) requires this buffer's add counts to
+        equal ``since``. Applying a full group and then its deltas in order reproduces ``state_dict()`` exactly."""
         a = group.attrs
         if a.get("format") != _FORMAT:
             raise ValueError(f"load_hdf5(): group {group.name!r} holds no replay buffer (format attribute "
@@ -430,19 +444,50 @@ class ReplayBuffer:
         self._check_layout("load_hdf5()", int(a["num_tasks"]), int(a["capacity_per_task"]))
         for name, want in (("obs_shape", self.obs_shape), ("action_shape", self.action_shape)):
             if tuple(int(v) for v in a[name]) != want:
-                raise ValueError(f"load_hdf5(): saved {name} is {tuple(a[name])} but this buffer has {want}")
+                raise ValueError(f"load_hdf5(): saved {name} is {tuple(int(v) for v in a[name])} but this buffer has "
+                                 f"{want}")
         saved_dtype = str(a["obs_dtype"])
-        dtypes = {v: k for k, v in _OBS_DTYPES.items()}
-        if saved_dtype not in dtypes:
-            raise ValueError(f"load_hdf5(): unknown obs_dtype {saved_dtype!r} in {group.name!r}")
+        if saved_dtype != _OBS_DTYPES[self.obs_dtype]:
+            raise ValueError(f"load_hdf5(): saved obs_dtype is {saved_dtype} but this buffer has "
+                             f"{_OBS_DTYPES[self.obs_dtype]}; build the buffer with the saved obs dtype")
+        since = group["since"][...].astype(np.int64)
         added = group["added"][...].astype(np.int64)
-        for t in range(self.num_tasks):
-            for name in _FIELDS:
-                rows = group[name][t]
-                if name in ("obs", "next_obs") and saved_dtype == "bfloat16":
-                    src = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
-                else:
-                    src = torch.from_numpy(rows)
-                getattr(self, name)[t].copy_(src)
+        runs = [tuple(r) for r in group["runs"][...].astype(np.int64).tolist()]
+        if since.shape != (self.num_tasks,) or added.shape != (self.num_tasks,) or np.any(since > added):
+            raise ValueError(f"load_hdf5(): group {group.name!r} has inconsistent add counts (since "
+                             f"{since.tolist()}, added {added.tolist()})")
+        full = not since.any()
+        if not full and not np.array_equal(since, self._added_host):
+            raise ValueError(f"load_hdf5(): group {group.name!r} holds the rows added after the add counts "
+                             f"{since.tolist()}, but this buffer's add counts are {self._added_host.tolist()}; apply "
+                             "the full save and the earlier deltas first, in order")
+        if runs != self._runs(since, added):
+            raise ValueError(f"load_hdf5(): group {group.name!r} lists rows that do not match its add counts")
+        n_rows = sum(r[2] for r in runs)
+        for name in _FIELDS:  # checked before any row is applied
+            want = (n_rows, *getattr(self, name).shape[2:])
+            want_dtype = np.dtype(self._disk_dtype() if name in ("obs", "next_obs") else np.float32)
+            if tuple(group[name].shape) != want or group[name].dtype != want_dtype:
+                raise ValueError(f"load_hdf5(): {group.name}/{name} is {group[name].dtype} {tuple(group[name].shape)}, "
+                                 f"expected {want_dtype} {want}")
+        for name in _FIELDS:
+            dst, ds = getattr(self, name), group[name]
+            if full:  # rows beyond the fill count are zero, as in a fresh buffer
+                for t in range(self.num_tasks):
+                    dst[t, min(int(added[t]), self.capacity_per_task):].zero_()
+            if self._on_cpu:  # HDF5 reads straight into the storage rows (bfloat16 as its uint16 bits)
+                raw = dst.view(torch.int16).numpy().view(np.uint16) if dst.dtype == torch.bfloat16 else dst.numpy()
+                off = 0
+                for t, start, count in runs:
+                    ds.read_direct(raw[t], np.s_[off:off + count], np.s_[start:start + count])
+                    off += count
+                continue
+            rows = ds[()]
+            data = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if rows.dtype == np.uint16 else \
+                torch.from_numpy(rows)
+            off = 0
+            for t, start, count in runs:
+                dst[t, start:start + count].copy_(data[off:off + count])
+                off += count
         self.added.copy_(torch.from_numpy(added))
-        self._set_counters(added, int(a["sample_counter"]), int(a["seed"]), int(a["uid"]))
+        self._set_counters(added, int(a["sample_counter"]), int(a["seed"]))

@@ -16,67 +16,28 @@ import torch
 
 from mtrl_hpc import checkpoint
 from mtrl_hpc.checkpoint import CheckpointError
+from mtrl_hpc.replay import ReplayBuffer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-class TinyReplay:
-    """Test double with the replay buffer's public state: [tasks, capacity, ...] storage, per-task cursors,
-    fill counts, monotonic add counts and an RNG counter."""
-
-    def __init__(self, num_tasks, capacity_per_task, obs_shape, action_shape, device="cpu", seed=0,
-                 obs_dtype=torch.float32):
-        T, C = num_tasks, capacity_per_task
-        self.num_tasks, self.capacity_per_task = T, C
-        self.obs = torch.zeros(T, C, *obs_shape, dtype=obs_dtype)
-        self.next_obs = torch.zeros(T, C, *obs_shape, dtype=obs_dtype)
-        self.action = torch.zeros(T, C, *action_shape)
-        self.reward = torch.zeros(T, C, 1)
-        self.done = torch.zeros(T, C, 1, dtype=torch.bool)
-        self.cursor = torch.zeros(T, dtype=torch.int64)
-        self.size = torch.zeros(T, dtype=torch.int64)
-        self.total_added = torch.zeros(T, dtype=torch.int64)
-        self.seed, self.sample_counter = seed, 0
-
-    def add(self, obs, action, reward, next_obs, done, tasks=None):
-        """Adds n env steps at once: every argument is shaped [n, len(tasks), ...]."""
-        tasks = torch.arange(self.num_tasks) if tasks is None else torch.as_tensor(tasks)
-        n = obs.shape[0]
-        pos = (self.cursor[tasks][None, :] + torch.arange(n)[:, None]) % self.capacity_per_task  # [n, tasks]
-        tt = tasks[None, :].expand(n, -1)
-        if n > self.capacity_per_task:  # only the last `capacity` steps survive
-            keep = slice(n - self.capacity_per_task, n)
-            pos, tt, obs, action, reward, next_obs, done = (
-                x[keep] for x in (pos, tt, obs, action, reward, next_obs, done))
-        self.obs[tt, pos] = obs.to(self.obs.dtype)
-        self.next_obs[tt, pos] = next_obs.to(self.obs.dtype)
-        self.action[tt, pos] = action
-        self.reward[tt, pos] = reward
-        self.done[tt, pos] = done
-        self.cursor[tasks] = (self.cursor[tasks] + n) % self.capacity_per_task
-        self.total_added[tasks] += n
-        self.size[tasks] = torch.clamp(self.total_added[tasks], max=self.capacity_per_task)
-        self.sample_counter += n
-
-    def state_dict(self):
-        return {"storage": {k: getattr(self, k) for k in ("obs", "action", "reward", "next_obs", "done")},
-                "cursor": self.cursor.clone(), "size": self.size.clone(), "total_added": self.total_added.clone(),
-                "seed": self.seed, "sample_counter": self.sample_counter}
-
-    def load_state_dict(self, sd):
-        for k, v in sd["storage"].items():
-            getattr(self, k).copy_(v)
-        for k in ("cursor", "size", "total_added"):
-            getattr(self, k).copy_(sd[k])
-        self.seed, self.sample_counter = sd["seed"], sd["sample_counter"]
+def make_replay(num_tasks, capacity_per_task, obs_shape, action_shape, seed=0, obs_dtype=torch.float32):
+    return ReplayBuffer(num_tasks, capacity_per_task, obs_shape, action_shape, seed=seed, obs_dtype=obs_dtype)
 
 
 def fill(replay, steps, gen, tasks=None):
-    T = replay.num_tasks if tasks is None else len(tasks)
-    obs = torch.randn(steps, T, *replay.obs.shape[2:], generator=gen)
-    replay.add(obs, torch.randn(steps, T, *replay.action.shape[2:], generator=gen),
-               torch.randn(steps, T, 1, generator=gen), obs + 1, torch.rand(steps, T, 1, generator=gen) < 0.1,
-               tasks=tasks)
+    """Adds ``steps`` env steps of one row per task in ``tasks`` (default: all) with a single add call."""
+    tasks = list(range(replay.num_tasks)) if tasks is None else list(tasks)
+    n = steps * len(tasks)
+    if n == 0:
+        return
+    obs = torch.randn(n, *replay.obs_shape, generator=gen)
+    replay.add(obs, torch.randn(n, *replay.action_shape, generator=gen), torch.randn(n, generator=gen), obs + 1,
+               torch.rand(n, generator=gen) < 0.1, np.array(tasks * steps, dtype=np.int64))
+
+
+def replay_state(replay):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in replay.state_dict().items()}
 
 
 def assert_same(a, b, where="state"):
@@ -266,7 +227,7 @@ def replay_files(tmp_path):
 def test_incremental_replay_chain_is_exact(tmp_path, obs_dtype):
     gen = torch.Generator().manual_seed(0)
     T, C = 3, 16
-    replay = TinyReplay(T, C, (4,), (2,), obs_dtype=obs_dtype)
+    replay = make_replay(T, C, (4,), (2,), seed=7, obs_dtype=obs_dtype)
     snapshots, sizes = {}, {}
     step = 0
     rng = np.random.default_rng(0)
@@ -276,9 +237,10 @@ def test_incremental_replay_chain_is_exact(tmp_path, obs_dtype):
         if i % 4 == 3:  # uneven per-task adds
             fill(replay, int(rng.integers(1, 20)), gen, tasks=[1])
         step += n + 1
+        if replay.ready:
+            replay.sample(5)  # the sample counter is part of the restored state
         path = checkpoint.save(tmp_path, step, {"step": step}, replay=replay, retain_last_n=-1)
-        snapshots[path] = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                           for k, v in checkpoint._flatten(replay.state_dict()).items()}
+        snapshots[path] = replay_state(replay)
         with h5py.File(path, "r") as f:
             sizes[path] = int(f["replay/chain_rows"][()])
     assert max(sizes.values()) <= T * C  # delta rows after the base
@@ -289,18 +251,15 @@ def test_incremental_replay_chain_is_exact(tmp_path, obs_dtype):
             kinds.append(f.attrs["kind"])
     assert kinds.count("base") >= 2 and kinds.count("delta") >= 10  # wrapped around and re-based
     for path, expected in snapshots.items():  # every retained checkpoint restores its own buffer exactly
-        fresh = TinyReplay(T, C, (4,), (2,), obs_dtype=obs_dtype)
+        fresh = make_replay(T, C, (4,), (2,), obs_dtype=obs_dtype)
         checkpoint.load(path, replay=fresh)
-        got = checkpoint._flatten(fresh.state_dict())
-        assert got.keys() == expected.keys()
-        for k in expected:
-            assert_same(expected[k], got[k], str(k))
+        assert_same(expected, fresh.state_dict())
 
 
 def test_replay_chain_rotation_keeps_needed_segments(tmp_path):
     gen = torch.Generator().manual_seed(1)
     T, C = 2, 50
-    replay = TinyReplay(T, C, (3,), (1,))
+    replay = make_replay(T, C, (3,), (1,))
     for step in range(1, 12):
         fill(replay, 7, gen)
         checkpoint.save(tmp_path, step, {}, replay=replay, retain_last_n=2)
@@ -314,22 +273,21 @@ def test_replay_chain_rotation_keeps_needed_segments(tmp_path):
         assert set(replay_files(tmp_path)) == needed
     # resume in a "new process": load the older retained checkpoint, continue, and the chain forks cleanly
     older = sorted((tmp_path / "checkpoints").glob("step_*.h5"))[0]
-    fresh = TinyReplay(T, C, (3,), (1,))
+    fresh = make_replay(T, C, (3,), (1,))
     checkpoint.load(older, replay=fresh)
     fill(fresh, 3, gen)
     with pytest.warns(RuntimeWarning, match="newer than step 10"):
         p = checkpoint.save(tmp_path, 10, {}, replay=fresh, retain_last_n=2)
     with h5py.File(p, "r") as f:
         assert f["replay/chain"].shape[0] > 1  # continued the loaded chain with a delta
-    again = TinyReplay(T, C, (3,), (1,))
+    again = make_replay(T, C, (3,), (1,))
     checkpoint.load(checkpoint.find_latest_good(tmp_path), replay=again)
-    for k, v in checkpoint._flatten(fresh.state_dict()).items():
-        assert_same(v, checkpoint._flatten(again.state_dict())[k], str(k))
+    assert_same(fresh.state_dict(), again.state_dict())
 
 
 def test_replay_delta_writes_only_new_rows(tmp_path):
     gen = torch.Generator().manual_seed(2)
-    replay = TinyReplay(4, 1000, (39,), (4,))
+    replay = make_replay(4, 1000, (39,), (4,))
     fill(replay, 300, gen)
     checkpoint.save(tmp_path, 1, {}, replay=replay)
     fill(replay, 25, gen)
@@ -339,12 +297,13 @@ def test_replay_delta_writes_only_new_rows(tmp_path):
     last = last.decode() if isinstance(last, bytes) else last
     with h5py.File(tmp_path / "checkpoints" / "replay" / last, "r") as f:
         assert f.attrs["kind"] == "delta"
-        assert f["fields/f0"].shape == (4 * 25, 39)
+        assert f["replay/obs"].shape == (4 * 25, 39)
+        assert f["replay/since"][()].tolist() == [300] * 4 and f["replay/added"][()].tolist() == [325] * 4
 
 
 def test_missing_or_swapped_segment_is_detected(tmp_path):
     gen = torch.Generator().manual_seed(3)
-    replay = TinyReplay(2, 8, (2,), (1,))
+    replay = make_replay(2, 8, (2,), (1,))
     fill(replay, 5, gen)
     checkpoint.save(tmp_path, 1, {}, replay=replay, retain_last_n=-1)
     fill(replay, 2, gen)
@@ -354,8 +313,8 @@ def test_missing_or_swapped_segment_is_detected(tmp_path):
     segs[1].unlink()
     with pytest.warns(RuntimeWarning, match="missing"):
         assert checkpoint.find_latest_good(tmp_path).name == "step_000000000001.h5"
-    with pytest.raises(CheckpointError, match="shaped"):
-        checkpoint.load(tmp_path / "checkpoints" / "step_000000000001.h5", replay=TinyReplay(2, 9, (2,), (1,)))
+    with pytest.raises(CheckpointError, match="8 rows but this one has 2 x 9.*checkpoint's config"):
+        checkpoint.load(tmp_path / "checkpoints" / "step_000000000001.h5", replay=make_replay(2, 9, (2,), (1,)))
     with pytest.raises(CheckpointError, match="holds no replay"):
         checkpoint.load(checkpoint.save(tmp_path / "b", 1, {}), replay=replay)
     assert p2.exists()
@@ -367,10 +326,10 @@ WRITER = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     from mtrl_hpc import checkpoint
-    from test_checkpoint import TinyReplay, fill
+    from test_checkpoint import make_replay, fill
     run, kill_at_fsync = sys.argv[1], int(sys.argv[2])
     gen = torch.Generator().manual_seed(0)
-    replay = TinyReplay(2, 20000, (39,), (4,))
+    replay = make_replay(2, 20000, (39,), (4,))
     fill(replay, 20000, gen)
     checkpoint.save(run, 1, {{"w": torch.ones(10), "step": 1}}, replay=replay)
     print("first", flush=True)
@@ -415,17 +374,15 @@ def test_kill_9_while_writing_leaves_a_good_checkpoint(tmp_path, kill_at_fsync, 
         warnings.simplefilter("ignore")
         latest = checkpoint.find_latest_good(run)
     assert latest is not None
-    replay = TinyReplay(2, 20000, (39,), (4,))
+    replay = make_replay(2, 20000, (39,), (4,))
     state, _ = checkpoint.load(latest, replay=replay)
     assert state["step"] in (1, 2)
-    expected = TinyReplay(2, 20000, (39,), (4,))
+    expected = make_replay(2, 20000, (39,), (4,))
     gen = torch.Generator().manual_seed(0)
     fill(expected, 20000, gen)
     if state["step"] == 2:
         fill(expected, 500, gen)
-    for k, v in checkpoint._flatten(expected.state_dict()).items():
-        if k != ("sample_counter",):
-            assert_same(v, checkpoint._flatten(replay.state_dict())[k], str(k))
+    assert_same(expected.state_dict(), replay.state_dict())
     if kill_at_fsync == 4:  # the rename happened: the new checkpoint is the latest good one
         assert state["step"] == 2
     if kill_at_fsync in (1, 2, 3):
@@ -470,7 +427,7 @@ def test_real_replay_buffer_chain_is_exact_and_sampling_continues(tmp_path):
 
 def test_truncation_anywhere_gives_checkpoint_error(tmp_path):
     gen = torch.Generator().manual_seed(4)
-    replay = TinyReplay(2, 64, (5,), (2,))
+    replay = make_replay(2, 64, (5,), (2,))
     fill(replay, 50, gen)
     path = checkpoint.save(tmp_path / "run", 1, {"w": torch.randn(3000), "s": "x"}, replay=replay)
     seg = next((tmp_path / "run" / "checkpoints" / "replay").iterdir())
@@ -480,6 +437,6 @@ def test_truncation_anywhere_gives_checkpoint_error(tmp_path):
             original.write_bytes(data[:cut])
             checkpoint._VERIFIED.clear()
             with pytest.raises(CheckpointError):
-                checkpoint.load(path, replay=TinyReplay(2, 64, (5,), (2,)))
+                checkpoint.load(path, replay=make_replay(2, 64, (5,), (2,)))
         original.write_bytes(data)
-    checkpoint.load(path, replay=TinyReplay(2, 64, (5,), (2,)))
+    checkpoint.load(path, replay=make_replay(2, 64, (5,), (2,)))

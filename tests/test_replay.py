@@ -374,53 +374,55 @@ def test_hdf5_round_trip_is_exact(tmp_path, obs_dtype):
     assert_same_future(a, b)
 
 
-def test_hdf5_incremental_saves_write_only_new_rows(tmp_path):
+def test_hdf5_full_then_deltas_reproduce_the_state_exactly(tmp_path):
     T, C = 3, 10
     rng = np.random.default_rng(0)
-    a = ReplayBuffer(T, C, (4,), (2,), seed=3)
-    path = tmp_path / "r.h5"
+    a = ReplayBuffer(T, C, (4,), (2,), seed=3, obs_dtype=torch.bfloat16)
     for _ in range(4):
         a.add(**step(rng, T, 4, 2))
+    path = tmp_path / "r.h5"
     with h5py.File(path, "w") as f:
-        a.save_hdf5(f.create_group("replay"))
-    assert a.last_save_rows == 4 * T
-    with h5py.File(path, "a") as f:
-        a.save_hdf5(f["replay"])
-        assert a.last_save_rows == 0  # nothing new
-    for rounds, new_rows in [(3, 3), (5, 5), (1, 1), (14, 10)]:  # crosses the wrap, then more than a lap
+        assert a.save_hdf5(f.create_group("s0")) == 4 * T
+    since, names = a.added_counts(), ["s0"]
+    # crosses the wrap, then more than a lap, uneven per-task adds, then nothing new but a sample
+    for i, (rounds, ids, new_rows) in enumerate([(3, None, 3 * T), (5, None, 5 * T), (1, [1, 1, 2], 3),
+                                                 (14, None, C * T), (0, None, 0), (4, [0, 0, 0], C)]):  # 12 rows > C
         for _ in range(rounds):
-            a.add(**step(rng, T, 4, 2))
+            a.add(**step(rng, T, 4, 2, ids=ids))
         a.sample(7)
         with h5py.File(path, "a") as f:
-            a.save_hdf5(f["replay"])
-        assert a.last_save_rows == new_rows * T
-        b = ReplayBuffer(T, C, (4,), (2,))
+            assert a.save_hdf5(f.create_group(f"s{i + 1}"), since=since) == new_rows
+        since = a.added_counts()
+        names.append(f"s{i + 1}")
+        b = ReplayBuffer(T, C, (4,), (2,), obs_dtype=torch.bfloat16)
         with h5py.File(path, "r") as f:
-            b.load_hdf5(f["replay"])
+            for name in names:
+                b.load_hdf5(f[name])
         assert_same_state(a, b)
-    # A buffer restored from the file continues incrementally into the same group.
-    for _ in range(2):
-        b.add(**step(rng, T, 4, 2))
-    with h5py.File(path, "a") as f:
-        b.save_hdf5(f["replay"])
-    assert b.last_save_rows == 2 * T
-    c = ReplayBuffer(T, C, (4,), (2,))
-    with h5py.File(path, "r") as f:
-        c.load_hdf5(f["replay"])
-    assert_same_state(b, c)
-    assert_same_future(b, c)
+    assert_same_future(a, b)
 
 
-def test_hdf5_other_buffer_in_group_is_fully_rewritten(tmp_path):
+def test_hdf5_full_group_replaces_everything(tmp_path):
     a, b = filled(T=2, C=6, steps=3, seed=1), filled(T=2, C=6, steps=9, seed=2)
     with h5py.File(tmp_path / "r.h5", "w") as f:
-        g = f.create_group("replay")
-        a.save_hdf5(g)
-        b.save_hdf5(g)  # another history: no incremental shortcut
-        assert b.last_save_rows == 2 * 6
-        c = ReplayBuffer(2, 6, (5,), (2,))
-        c.load_hdf5(g)
-    assert_same_state(b, c)
+        a.save_hdf5(f.create_group("a"))
+        b.load_hdf5(f["a"])  # b held more rows: the ones a never wrote are zero again
+    assert_same_state(a, b)
+    assert_same_future(a, b)
+
+
+def test_hdf5_delta_needs_the_buffer_at_its_since_counts(tmp_path):
+    a = filled(T=2, C=6, steps=3)
+    since = a.added_counts()
+    a.add(**step(np.random.default_rng(1), 2))
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        a.save_hdf5(f.create_group("delta"), since=since)
+        with pytest.raises(ValueError, match=r"after the add counts \[3, 3\].*this buffer's add counts are \[0, 0\]"):
+            ReplayBuffer(2, 6, (5,), (2,)).load_hdf5(f["delta"])
+        with pytest.raises(ValueError, match="since"):
+            a.save_hdf5(f.create_group("bad"), since=np.array([9, 9]))
+        with pytest.raises(ValueError, match="since"):
+            a.save_hdf5(f.create_group("bad2"), since=[1, 2, 3])
 
 
 def test_load_hdf5_rejects_wrong_group(tmp_path):
@@ -431,6 +433,12 @@ def test_load_hdf5_rejects_wrong_group(tmp_path):
         filled(T=2, C=6).save_hdf5(f.create_group("replay"))
         with pytest.raises(ValueError, match="tasks"):
             ReplayBuffer(3, 6, (5,), (2,)).load_hdf5(f["replay"])
+        with pytest.raises(ValueError, match="obs_shape"):
+            ReplayBuffer(2, 6, (4,), (2,)).load_hdf5(f["replay"])
+        with pytest.raises(ValueError, match="action_shape"):
+            ReplayBuffer(2, 6, (5,), (3,)).load_hdf5(f["replay"])
+        with pytest.raises(ValueError, match="obs_dtype is float32 but this buffer has bfloat16"):
+            ReplayBuffer(2, 6, (5,), (2,), obs_dtype=torch.bfloat16).load_hdf5(f["replay"])
 
 
 # ----------------------------------------------------------------------------- argument checks
