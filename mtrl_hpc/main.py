@@ -16,8 +16,11 @@ log = logging.getLogger("mtrl_hpc")
 EXIT_STOPPED = 3
 
 
-def run(cfg: DictConfig, run_dir: pathlib.Path) -> str:
-    """Validate, build and train; returns "finished" or "stopped". Raises ConfigError/CheckpointError."""
+def run(cfg: DictConfig, run_dir: pathlib.Path, ignore_late_warnings: bool = False) -> str:
+    """Validate, build and train; returns "finished" or "stopped". Raises ConfigError/CheckpointError.
+
+    ignore_late_warnings: once finished, ignore USR1/USR2 for the rest of the process (the command line's
+    choice; a process that goes on after the run keeps its own handlers)."""
     from mtrl_hpc.config_checks import validate
     from mtrl_hpc.experiment import Experiment
     from mtrl_hpc.preemption import StopRequest
@@ -34,7 +37,7 @@ def run(cfg: DictConfig, run_dir: pathlib.Path) -> str:
     if outcome == "stopped":
         stop.after_stop(made_progress=experiment.step > start_step)
     else:
-        stop.uninstall()
+        stop.uninstall(ignore_warnings=ignore_late_warnings)
     return outcome
 
 
@@ -46,7 +49,7 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = pathlib.Path(cfg.setup.save_dir or HydraConfig.get().runtime.output_dir)
     try:
-        outcome = run(cfg, run_dir)
+        outcome = run(cfg, run_dir, ignore_late_warnings=True)
     except (ConfigError, CheckpointError, MetricsError) as error:
         print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

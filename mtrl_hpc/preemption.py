@@ -47,9 +47,13 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def uninstall(self) -> None:
+    def uninstall(self, ignore_warnings: bool = False) -> None:
+        """Puts the previous handlers back; with ignore_warnings (the run has finished its work) USR1/USR2 are
+        ignored from now on instead: a time-limit warning that comes while the job exits must not fail it
+        (submitit's handler would take it for a time-out, and Python's default action kills the process,
+        also during interpreter shutdown)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if ignore_warnings and sig in WARNING_SIGNALS else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:

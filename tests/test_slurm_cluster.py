@@ -23,14 +23,10 @@ import submitit
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_fixtures import make_slurm_cluster_fixture, wait_until  # noqa: E402
+from slurm_fixtures import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_DIR = REPO / "config" / "hydra" / "launcher"
-
-# Also registered in conftest.py if the project does so; a module-level definition wins for this module.
-slurm_cluster = make_slurm_cluster_fixture()
 
 # Jobs unpickle this module's functions on the compute node, where tests/ is not importable.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
