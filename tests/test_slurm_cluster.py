@@ -139,7 +139,7 @@ def test_requeued_checkpointable_job_resumes_from_saved_state(slurm_cluster, tmp
 @pytest.mark.slurm
 def test_time_limit_signals_checkpoints_requeues_and_completes(slurm_cluster, tmp_path):
     # 40 s of work under a 1 min limit whose signal is due 55 s before the end (slurmctld sends it on its
-    # next periodic check, 5-35 s into the run): the first run is always cut short.
+    # periodic 30 s time-limit check, up to 30 s early: 0-30 s into the run): the first run is always cut short.
     state_file = tmp_path / "counter.json"
     ex = _executor(tmp_path, timeout_min=1, slurm_signal_delay_s=55, max_num_timeout=3)
     job = ex.submit(Counter(), str(state_file), 80, 0.5)
