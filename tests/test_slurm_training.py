@@ -5,7 +5,7 @@ a cancelled job.
 Every job uses the plugin's own `submitit_slurm` preset (max_num_timeout 0) with only the cluster's settings
 on the command line. The requeued and the time-limited runs end with exactly the parameters, replay contents
 and metric rows of an uninterrupted run of the same command, run locally beside the job. Jobs run from the
-repository root, one CPU each. About 4 minutes on an idle 2-core machine, most of it the time-limit test
+repository root, one CPU each. About 3 minutes on a 2-core machine (4 when busy), most of it the time-limit test
 (SLURM sends the warning on its 30 s periodic check, so the run must outlast 50 s).
 """
 
