@@ -1,8 +1,9 @@
 """Python side of the compiled ops (torch.ops.mtrl_hpc.*).
 
 Importing this module loads mtrl_hpc._C, whose TORCH_LIBRARY block (csrc/ops.cpp) declares every schema;
-CPU and CUDA kernels register themselves from csrc/. Here live the fake (meta) kernels that let
-torch.compile trace around the ops, and the autograd formulas of the differentiable ones.
+CPU and CUDA kernels register themselves from csrc/, and so does the losses' autograd (csrc/losses/
+losses_autograd.cpp: one forward and one backward op per loss). Here live the fake (meta) kernels that let
+torch.compile trace around the ops.
 """
 
 import torch

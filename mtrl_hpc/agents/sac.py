@@ -20,7 +20,7 @@ from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder
 OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
 
 
-def make_optimizer(params, optimizer_cfg, device: str) -> torch.optim.Optimizer:
+def make_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
     target = optimizer_cfg["_target_"]
     if target not in OPTIMIZERS:
         raise ValueError(f"optimizer _target_={target!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
@@ -80,9 +80,9 @@ class SACAgent(nn.Module):
         actor_params = list(self.actor.parameters())
         if "actor" in self.task_encoder_losses:
             actor_params += list(self.task_encoder.parameters())
-        self.actor_optimizer = make_optimizer(actor_params, opt.actor, device)
-        self.critic_optimizer = make_optimizer(critic_params, opt.critic, device)
-        self.alpha_optimizer = make_optimizer([self.log_alpha], opt.alpha, device)
+        self.actor_optimizer = make_optimizer(actor_params, opt.actor)
+        self.critic_optimizer = make_optimizer(critic_params, opt.critic)
+        self.alpha_optimizer = make_optimizer([self.log_alpha], opt.alpha)
         self._critic_params = list(self.critic.parameters())
         # (target, source) parameter lists for the soft target updates.
         self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)

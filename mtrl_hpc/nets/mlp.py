@@ -8,8 +8,6 @@ task's rows: [members * tasks, rows_per_task, features] @ [members * tasks, feat
 every head on every row and masked the result, discarding (tasks - 1) / tasks of the head compute.
 """
 
-import math
-
 import torch
 from torch import nn
 
@@ -83,6 +81,3 @@ class StackedMLP(nn.Module):
                 x = torch.relu_(x)
         return x.reshape(members, rows, -1)
 
-
-def num_parameters(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())
