@@ -9,6 +9,7 @@ extension compiles against the torch that will run it:
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -30,13 +31,17 @@ def _want_cuda():
 def _extension():
     with_cuda = _want_cuda()
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs on one thread. The
+    # extension then links libgomp.so.1, which resolves to the copy torch has already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     # One rounding everywhere: host and device must compute identical floats from the shared math.
     nvcc = ["-O3", "-std=c++20", "--fmad=false", "-lineinfo"]
     kwargs = dict(
         name="mtrl_hpc._C",
         sources=_sources("*.cpp") + (_sources("*.cu") if with_cuda else []),
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": cxx + (["-DMTRL_HPC_WITH_CUDA"] if with_cuda else []), "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx + openmp + (["-DMTRL_HPC_WITH_CUDA"] if with_cuda else []), "nvcc": nvcc},
+        extra_link_args=openmp,
     )
     return CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)
 

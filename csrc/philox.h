@@ -46,7 +46,9 @@ MTRL_HD inline void round(uint32_t* c, uint32_t k0, uint32_t k1) {
 MTRL_HD inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   uint32_t c[4] = {c0, c1, c2, c3};
   philox_detail::round(c, k0, k1);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int i = 1; i < 10; ++i) {
     k0 += philox_detail::kW0;
     k1 += philox_detail::kW1;

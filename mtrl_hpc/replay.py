@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from mtrl_hpc import ops  # noqa: F401  (registers torch.ops.mtrl_hpc.*)
+from mtrl_hpc import _C, ops  # noqa: F401  (ops registers torch.ops.mtrl_hpc.*)
 
 _MASK64 = (1 << 64) - 1
 _FORMAT = "mtrl_hpc.replay/1"
@@ -152,11 +152,13 @@ class ReplayBuffer:
         # Host copy of `added`, so planning a batch never reads the device. On the CPU it is `added` itself.
         self._on_cpu = dev.type == "cpu"
         self._added_host = self.added.numpy() if self._on_cpu else np.zeros(T, dtype=np.int64)
-        self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._outputs: dict[int, Batch] = {}  # per batch size; sample() refills and returns the same tensors
         self._offsets: dict[tuple, torch.Tensor] = {}
         self._eligible = np.zeros(0, dtype=np.int64)  # tasks holding data, ascending
-        self._add_op = torch.ops.mtrl_hpc.replay_add.default
-        self._sample_op = torch.ops.mtrl_hpc.replay_sample.default
+        # Direct entries of torch.ops.mtrl_hpc.replay_add/replay_sample (csrc/bindings.cpp): same kernels,
+        # without torch.ops' per-call argument parsing.
+        self._add_op = _C.replay_add
+        self._sample_op = _C.replay_sample
 
     # ---------------------------------------------------------------- writing
     def _tensor(self, x, name: str) -> torch.Tensor:
@@ -207,11 +209,11 @@ class ReplayBuffer:
             self._offsets.clear()
 
     # ---------------------------------------------------------------- sampling
-    def _outputs_for(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+    def _outputs_for(self, batch_size: int) -> Batch:
         out = self._outputs.get(batch_size)
         if out is None:
             B, dev, f32 = batch_size, self.device, torch.float32
-            out = (torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
+            out = Batch(torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
                    torch.empty((B, *self.action_shape), dtype=f32, device=dev),
                    torch.empty((B, 1), dtype=f32, device=dev),
                    torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
@@ -292,7 +294,7 @@ class ReplayBuffer:
         self._sample_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added, offsets,
                         _signed64(self.seed), _signed64(self.sample_counter), *out)
         self.sample_counter += 1
-        return Batch(*out)
+        return out
 
     # ---------------------------------------------------------------- size
     def sizes(self) -> torch.Tensor:

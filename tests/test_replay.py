@@ -179,6 +179,34 @@ def test_sample_matches_python_reference_exactly(batch_size):
         check_batch_matches_storage(rb, batch)
 
 
+@pytest.mark.parametrize("weights", [None, [0, 3, 0, 0, 1, 0, 0, 0, 5, 0]])
+def test_sample_split_over_threads_matches_python_reference(weights):
+    # Batches of 1024+ rows are split over the intra-op threads; a split can start inside a task or next to
+    # tasks that get no rows (the zero weights).
+    rb = filled(T=10, C=50, steps=37, seed=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for batch_size in (1024, 1537, 3001):
+            tids, rows = ref_sample(rb, batch_size, weights)
+            batch = rb.sample(batch_size, weights)
+            assert torch.equal(batch.task_ids, tids)
+            assert torch.equal(batch.indices, rows)
+            check_batch_matches_storage(rb, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_direct_entry_and_torch_ops_draw_the_same_rows():
+    a, b = filled(seed=5), filled(seed=5)
+    x = clone_batch(a.sample(40))  # ReplayBuffer calls the direct entries of csrc/bindings.cpp
+    out = [torch.empty_like(v) for v in x]
+    offsets = b._equal_offsets(40)  # b has not sampled yet: the offsets of call number 0
+    torch.ops.mtrl_hpc.replay_sample(b.obs, b.action, b.reward, b.next_obs, b.not_done, b.added, offsets, b.seed, 0,
+                                     *out)
+    assert all(torch.equal(u, v) for u, v in zip(x, out))
+
+
 def test_sample_counts_per_task_exact_in_every_batch():
     T, B = 10, 1280
     rb = filled(T=T, C=100, steps=20)

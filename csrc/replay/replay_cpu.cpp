@@ -133,6 +133,20 @@ inline void load_obs_row(float* dst, const S* src, int64_t n) {
 
 // Copies rows [b0, b1) of the batch; every field of row b in one pass, prefetching a few rows ahead so that
 // the cache misses of several rows overlap (random rows of a large buffer come from DRAM).
+// Task ids and drawn rows of batch rows [b0, b1). The Philox words come first, in a loop of their own that
+// the compiler vectorizes; the task of each row is a walk along the offsets (batch rows are grouped by task).
+void draw_rows(uint64_t seed, uint64_t counter, const int64_t* off, int64_t T, const int64_t* cnt, int64_t C,
+               int64_t b0, int64_t b1, int64_t* tid, int64_t* ind) {
+  uint64_t* bits = reinterpret_cast<uint64_t*>(ind);  // the rows overwrite their own random bits in place
+  for (int64_t b = b0; b < b1; ++b) bits[b] = draw_bits(seed, counter, static_cast<uint64_t>(b));
+  int64_t t = task_of_row(off, T, b0);
+  for (int64_t b = b0; b < b1; ++b) {
+    while (off[t + 1] <= b) ++t;
+    tid[b] = t;
+    ind[b] = row_of_bits(bits[b], fill_count(cnt[t], C));
+  }
+}
+
 template <typename S>
 void gather_rows(const S* os, const S* ns, const float* as, const float* rs, const float* ds, const int64_t* tid,
                  const int64_t* ind, int64_t b0, int64_t b1, int64_t C, int64_t O, int64_t A, float* oo, float* no,
@@ -195,11 +209,7 @@ void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_sto
     float* ro = reward.data_ptr<float>();
     float* dout = not_done.data_ptr<float>();
     at::parallel_for(0, B, kGrainRows, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t = task_of_row(off, T, b);
-        tid[b] = t;
-        ind[b] = draw_row(useed, uctr, static_cast<uint64_t>(b), fill_count(cnt[t], C));
-      }
+      draw_rows(useed, uctr, off, T, cnt, C, b0, b1, tid, ind);
       gather_rows<scalar_t>(os, ns, as, rs, ds, tid, ind, b0, b1, C, O, A, oo, no, ao, ro, dout);
     });
   });
