@@ -7,7 +7,10 @@ same run:
           index_select per field, outputs preallocated);
   gather  bytes of the sampled fields per second vs a plain memcpy (np.copyto) of as many contiguous bytes;
   add     one env step (10 rows, one call) vs ten mtrl-style single-transition adds (np.copyto per field);
-  memory  storage bytes per transition, float32 and float16 observations.
+  memory  storage bytes per transition, float32 and float16 observations;
+  floor   (--floor) a plain C++ loop, compiled here with torch.utils.cpp_extension.load_inline, that copies the
+          same rows as one sample() (indices given, no RNG, no checks) on the same threads: what the memory
+          system allows for this access pattern. Each drawn row touches about ten cache lines in five arrays.
 Times are the best of several repeats of a timed loop (on a shared node the minimum is the run least disturbed
 by other processes; --stat median reports medians instead). Single runs on a loaded machine vary by 2x or more.
 """
@@ -15,6 +18,7 @@ by other processes; --stat median reports medians instead). Single runs on a loa
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -91,6 +95,55 @@ class TorchStratified:
         return self.out
 
 
+FLOOR_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <cstring>
+// Copies row (task_ids[b], indices[b]) of every field to batch row b: the bare gather, no RNG, no checks.
+void gather(const torch::Tensor& obs, const torch::Tensor& action, const torch::Tensor& reward,
+            const torch::Tensor& next_obs, const torch::Tensor& not_done, const torch::Tensor& task_ids,
+            const torch::Tensor& indices, torch::Tensor o, torch::Tensor a, torch::Tensor r, torch::Tensor no,
+            torch::Tensor nd) {
+  const int64_t C = obs.size(1), O = obs[0][0].numel(), A = action[0][0].numel(), B = indices.size(0);
+  const float *os = obs.data_ptr<float>(), *as = action.data_ptr<float>(), *rs = reward.data_ptr<float>();
+  const float *ns = next_obs.data_ptr<float>(), *ds = not_done.data_ptr<float>();
+  const int64_t *t = task_ids.data_ptr<int64_t>(), *i = indices.data_ptr<int64_t>();
+  float *op = o.data_ptr<float>(), *ap = a.data_ptr<float>(), *rp = r.data_ptr<float>();
+  float *np_ = no.data_ptr<float>(), *dp = nd.data_ptr<float>();
+  at::parallel_for(0, B, 512, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = t[b] * C + i[b];
+      std::memcpy(op + b * O, os + row * O, O * sizeof(float));
+      std::memcpy(np_ + b * O, ns + row * O, O * sizeof(float));
+      std::memcpy(ap + b * A, as + row * A, A * sizeof(float));
+      rp[b] = rs[row];
+      dp[b] = ds[row];
+    }
+  });
+}
+"""
+
+
+def floor_gather(rb: ReplayBuffer, batch_size: int):
+    """A function that copies rows drawn by sample() with the plain loop of FLOOR_SOURCE."""
+    from torch.utils.cpp_extension import load_inline
+
+    mod = load_inline("mtrl_hpc_bench_floor", cpp_sources=FLOOR_SOURCE, functions=["gather"],
+                      extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    counter = rb.sample_counter
+    outs = [torch.empty_like(x) for x in rb.sample(batch_size)[:5]]
+    # Rows that sample() draws, precomputed: enough distinct draws (110 MB of rows) that cycling through them
+    # does not find the rows in the 32 MB L3 cache again.
+    draws = itertools.cycle([tuple(x.clone() for x in rb.sample(batch_size)[5:]) for _ in range(256)])
+    rb.sample_counter = counter
+
+    def run():
+        t, i = next(draws)
+        mod.gather(rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, t, i, *outs)
+
+    return run
+
+
 def fill(rb: ReplayBuffer, mtrl: MtrlStyleBuffer | None, per_task: int, rng) -> None:
     chunk = 1000  # rows per task per add call
     for start in range(0, per_task, chunk):
@@ -115,6 +168,8 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=100_000, help="rows per task (default 100,000)")
     parser.add_argument("--batch", type=int, default=1280)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time a plain C++ gather of the same rows (compiles it first, about a minute)")
     parser.add_argument("--stat", choices=("min", "median"), default="min", help="statistic over repeats")
     args = parser.parse_args()
     global STAT
@@ -165,6 +220,8 @@ def main() -> None:
 
     t_mtrl_add = timeit(mtrl_adds, number * 4)
 
+    t_floor = timeit(floor_gather(rb, B), number) if args.floor else None
+
     rb16 = ReplayBuffer(T, C, (OBS,), (ACT,), seed=0, obs_dtype=torch.float16)
     fill(rb16, None, C, rng)
     t_ours16 = timeit(lambda: rb16.sample(B), number)
@@ -188,6 +245,8 @@ def main() -> None:
         ("sample(1280): plain PyTorch stratified, 1 thr", f"{t_ref1 * 1e6:9.1f} us", f"mtrl_hpc is {t_ref1 / t_ours:5.1f}x faster (target >= 2x)"),
         ("gather rate of sample", f"{gbps:6.2f} GB/s", f"{100 * gbps / copy_gbps:5.1f}% of a plain copy (target > 30%), "
                                                        f"{100 * gbps / cold_gbps:5.1f}% of a cold one"),
+        *([("floor: plain C++ gather of the same rows", f"{t_floor * 1e6:9.1f} us",
+            f"sample() takes {t_ours / t_floor:4.2f}x the floor")] if t_floor else []),
         (f"plain copy of {out_bytes:,} B, in cache", f"{copy_gbps:6.2f} GB/s", ""),
         (f"plain copy of {out_bytes:,} B, from DRAM", f"{cold_gbps:6.2f} GB/s", ""),
         ("add one env step (10 rows, one call)", f"{t_add * 1e6:9.1f} us", ""),

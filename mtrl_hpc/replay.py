@@ -101,9 +101,10 @@ _MADV_HUGEPAGE = 14
 
 
 def _advise_huge_pages(t: torch.Tensor) -> None:
-    """Asks Linux for transparent huge pages under a large CPU tensor before its pages are touched: random row
-    reads over hundreds of MB then miss the TLB far less (sample() runs about 1.5-2x faster on a 1M-row buffer).
-    Best effort: does nothing where madvise or THP is unavailable."""
+    """Asks Linux for transparent huge pages under a large CPU tensor before its pages are touched, so that
+    random row reads over hundreds of MB miss the TLB less. How much that buys depends on the host: under a
+    hypervisor that backs guest memory with 4 KiB pages it was not measurable. Best effort: does nothing where
+    madvise or THP is unavailable."""
     if t.nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
         return
     try:

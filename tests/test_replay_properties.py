@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtrl_hpc import ops  # noqa: F401
+from mtrl_hpc import _C, ops  # noqa: F401
 from mtrl_hpc.replay import ReplayBuffer
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,7 +94,11 @@ def test_buffer_matches_model_or_raises_cleanly(T, C, obs_shape, act_shape, obs_
 @SETTINGS
 @given(data=st.data())
 def test_raw_ops_reject_malformed_arguments_cleanly(data):
-    """Arguments of the raw ops with random shapes and dtypes: success or a clean error."""
+    """Arguments of the raw ops with random shapes and dtypes: success or a clean error, through torch.ops and
+    through the direct entries that ReplayBuffer calls (csrc/bindings.cpp)."""
+    direct = data.draw(st.booleans())
+    add_op = _C.replay_add if direct else torch.ops.mtrl_hpc.replay_add
+    sample_op = _C.replay_sample if direct else torch.ops.mtrl_hpc.replay_sample
     T, C = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
     dims = lambda: data.draw(st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple))  # noqa: E731
     pick = lambda: data.draw(st.sampled_from(ANY_DTYPES))  # noqa: E731
@@ -115,7 +119,7 @@ def test_raw_ops_reject_malformed_arguments_cleanly(data):
         inputs[k] = torch.zeros(dims(), dtype=pick())
     stores = [args[k] for k in ("obs_store", "action_store", "reward_store", "next_obs_store", "not_done_store", "added")]
     try:
-        torch.ops.mtrl_hpc.replay_add(*stores, *inputs)
+        add_op(*stores, *inputs)
     except Exception as error:  # noqa: BLE001 - the property is "clean error or success"
         clean_error(error)
     B = data.draw(st.integers(0, 6))
@@ -128,7 +132,7 @@ def test_raw_ops_reject_malformed_arguments_cleanly(data):
     if data.draw(st.booleans()):
         offsets = torch.linspace(0, B, T + 1).long()
     try:
-        torch.ops.mtrl_hpc.replay_sample(*stores, offsets, data.draw(st.integers(-2**63, 2**63 - 1)),
-                                         data.draw(st.integers(-2**63, 2**63 - 1)), *outs)
+        sample_op(*stores, offsets, data.draw(st.integers(-2**63, 2**63 - 1)), data.draw(st.integers(-2**63, 2**63 - 1)),
+                  *outs)
     except Exception as error:  # noqa: BLE001
         clean_error(error)
