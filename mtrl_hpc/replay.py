@@ -36,9 +36,10 @@ does not synchronise with the host. ``add`` reads task ids on the host (task ids
 one sync).
 
 Performance notes: on the CPU, storage is allocated with transparent huge pages where Linux allows it (random
-rows of a large buffer then miss the TLB less) and ``sample`` draws and gathers 1280 rows on up to two threads
-(torch's intra-op pool, chunks of 512 rows); it is bound by DRAM latency, not by arithmetic. ``add`` costs
-one op call for the whole env step.
+rows of a large buffer then miss the TLB less). ``sample`` splits the batch over torch's intra-op threads
+(chunks of at least 512 rows) and prefetches rows a few ahead; it is bound by DRAM latency, not by arithmetic.
+``add`` costs one kernel call for the whole env step. Both call the ops through the direct entries of
+``mtrl_hpc._C`` (csrc/bindings.cpp), which skip torch.ops' per-call argument parsing.
 
 State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;
 ``save_hdf5(group, since=None)`` / ``load_hdf5(group)`` with open h5py groups: a full save holds every filled
@@ -215,12 +216,12 @@ class ReplayBuffer:
         if out is None:
             B, dev, f32 = batch_size, self.device, torch.float32
             out = Batch(torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
-                   torch.empty((B, *self.action_shape), dtype=f32, device=dev),
-                   torch.empty((B, 1), dtype=f32, device=dev),
-                   torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
-                   torch.empty((B, 1), dtype=f32, device=dev),
-                   torch.empty(B, dtype=torch.int64, device=dev),
-                   torch.empty(B, dtype=torch.int64, device=dev))
+                       torch.empty((B, *self.action_shape), dtype=f32, device=dev),
+                       torch.empty((B, 1), dtype=f32, device=dev),
+                       torch.empty((B, *self.obs_shape), dtype=f32, device=dev),
+                       torch.empty((B, 1), dtype=f32, device=dev),
+                       torch.empty(B, dtype=torch.int64, device=dev),
+                       torch.empty(B, dtype=torch.int64, device=dev))
             self._outputs[batch_size] = out
         return out
 

@@ -131,8 +131,6 @@ inline void load_obs_row(float* dst, const S* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Copies rows [b0, b1) of the batch; every field of row b in one pass, prefetching a few rows ahead so that
-// the cache misses of several rows overlap (random rows of a large buffer come from DRAM).
 // Task ids and drawn rows of batch rows [b0, b1). The Philox words come first, in a loop of their own that
 // the compiler vectorizes; the task of each row is a walk along the offsets (batch rows are grouped by task).
 void draw_rows(uint64_t seed, uint64_t counter, const int64_t* off, int64_t T, const int64_t* cnt, int64_t C,
@@ -147,6 +145,8 @@ void draw_rows(uint64_t seed, uint64_t counter, const int64_t* off, int64_t T, c
   }
 }
 
+// Copies rows [b0, b1) of the batch; every field of row b in one pass, prefetching a few rows ahead so that
+// the cache misses of several rows overlap (random rows of a large buffer come from DRAM).
 template <typename S>
 void gather_rows(const S* os, const S* ns, const float* as, const float* rs, const float* ds, const int64_t* tid,
                  const int64_t* ind, int64_t b0, int64_t b1, int64_t C, int64_t O, int64_t A, float* oo, float* no,
