@@ -2,7 +2,7 @@
 # Proves that mtrl_hpc's CUDA extension builds for sm_80 and sm_90 against a CUDA build of torch, on a machine
 # without a GPU: makes (or reuses) a venv with torch==2.14.1 (CUDA 13.0), builds a copy of the sources in a
 # temporary directory (the in-tree CPU build is left alone), checks that the .so holds sm_80 and sm_90 code and
-# that it imports after `import torch` with every replay and loss op given CPU and CUDA kernels.
+# that it imports after `import torch` with replay_add, replay_sample and every loss op given CPU and CUDA kernels.
 #
 #   .ci/check_cuda_build.sh            # env: MTRL_CUDA_VENV (default /opt/mtrl-cuda-venv), MAX_JOBS (default 2),
 #                                      #      CUDA_HOME (default /usr/local/cuda), KEEP_BUILD=1 keeps the copy

@@ -5,7 +5,7 @@ ops, fused Adam, one foreach target update, no critic weight gradients in the ac
 multi-task SAC update written here the way mtrl writes it (two nn.Sequential critics, per-tensor Adam,
 eager losses, heads run on every row and masked). Reports ms per update, updates/s and the ratio.
 
-    python benchmarks/bench_update.py [--repeats 20] [--multi-head both|on|off]
+    python benchmarks/bench_update.py [--repeats 20] [--multi-head both|on|off] [--compile]
 """
 
 import argparse

@@ -153,8 +153,7 @@ def verify(path) -> None:
 def load(path, replay=None) -> tuple[dict, str]:
     """Verifies and reads a checkpoint: returns (state tree with CPU torch tensors, config YAML string).
 
-    With ``replay`` given, its contents are restored in place from the checkpoint's segment chain
-    (``replay.load_hdf5`` on each segment); a later ``save`` with the same buffer continues that chain.
+    With ``replay`` given, its contents are also restored (``load_replay``).
     """
     path = pathlib.Path(path)
     if not _VERIFIED.get(_identity(path)):
@@ -165,16 +164,26 @@ def load(path, replay=None) -> tuple[dict, str]:
             config = f["config"][()]
         except (KeyError, TreeError) as e:
             raise CheckpointError(f"{path} is not a complete mtrl_hpc checkpoint ({e}); delete it") from None
-        header = _read_replay_header(f, path)
     config = config.decode("utf-8") if isinstance(config, bytes) else str(config)
     if replay is not None:
-        if header is None:
-            raise CheckpointError(
-                f"{path} holds no replay buffer but one was passed to load(); pass replay=None, or resume from a "
-                "checkpoint written with the replay buffer"
-            )
-        _load_replay(path, header, replay)
+        load_replay(path, replay)
     return state, config
+
+
+def load_replay(path, replay) -> None:
+    """Restores ``replay`` in place from the checkpoint's segment chain (``replay.load_hdf5`` on each segment);
+    a later ``save`` with the same buffer continues that chain."""
+    path = pathlib.Path(path)
+    if not _VERIFIED.get(_identity(path)):
+        verify(path)
+    with _open(path, FORMAT) as f:
+        header = _read_replay_header(f, path)
+    if header is None:
+        raise CheckpointError(
+            f"{path} holds no replay buffer but one was asked for; pass replay=None, or resume from a "
+            "checkpoint written with the replay buffer"
+        )
+    _load_replay(path, header, replay)
 
 
 def check_compatible(saved_config: Mapping, current_config: Mapping, keys) -> None:

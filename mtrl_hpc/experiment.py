@@ -106,7 +106,7 @@ class Experiment:
         checkpoint.check_compatible(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True),
                                     OmegaConf.to_container(self.cfg, resolve=True), RESUME_KEYS)
         if self.cfg.experiment.save.buffer.should_save:
-            checkpoint.load(path, replay=self.replay)
+            checkpoint.load_replay(path, self.replay)
         self.agent.load_training_state(state["agent"])
         self.step = int(state["counters"]["step"])
         self.episode = int(state["counters"]["episode"])
@@ -187,7 +187,6 @@ class Experiment:
                 progress.update(1)
         finally:
             progress.close()
-
 
     def evaluate(self) -> None:
         def act(obs: np.ndarray) -> np.ndarray:

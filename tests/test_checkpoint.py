@@ -391,9 +391,8 @@ def test_kill_9_while_writing_leaves_a_good_checkpoint(tmp_path, kill_at_fsync, 
 
 
 def test_real_replay_buffer_chain_is_exact_and_sampling_continues(tmp_path):
-    replay_mod = pytest.importorskip("mtrl_hpc.replay")
     T, C = 3, 40
-    make = lambda seed=0: replay_mod.ReplayBuffer(T, C, (5,), (2,), seed=seed, obs_dtype=torch.bfloat16)  # noqa: E731
+    make = lambda seed=0: ReplayBuffer(T, C, (5,), (2,), seed=seed, obs_dtype=torch.bfloat16)  # noqa: E731
     replay = make(seed=11)
     gen = torch.Generator().manual_seed(0)
     expected = {}

@@ -60,5 +60,15 @@ def test_any_tree_round_trips_and_checksum_matches(tree):
         assert same(tree, back), (tree, back)
         if tree:  # any change of content changes the checksum
             before = tree_digest(f)
+            leaves = []
+            f["state"].visititems(lambda name, obj: leaves.append(obj) if isinstance(obj, h5py.Dataset)
+                                  and obj.shape and obj.size and obj.dtype.kind in "fiub" else None)
+            if leaves:  # one byte of stored data
+                raw = leaves[0][...]
+                flipped = raw.copy().view(np.uint8)
+                flipped.reshape(-1)[0] ^= 1
+                leaves[0][...] = flipped.view(raw.dtype).reshape(raw.shape)
+                assert tree_digest(f) != before
+                leaves[0][...] = raw
             g.attrs["extra"] = 1
             assert tree_digest(f) != before

@@ -181,7 +181,7 @@ def test_sample_matches_python_reference_exactly(batch_size):
 
 @pytest.mark.parametrize("weights", [None, [0, 3, 0, 0, 1, 0, 0, 0, 5, 0]])
 def test_sample_split_over_threads_matches_python_reference(weights):
-    # Batches of 1024+ rows are split over the intra-op threads; a split can start inside a task or next to
+    # Batches of more than 512 rows are split over the intra-op threads; a split can start inside a task or next to
     # tasks that get no rows (the zero weights).
     rb = filled(T=10, C=50, steps=37, seed=4)
     threads = torch.get_num_threads()
@@ -582,4 +582,5 @@ def test_float16_rows_convert_exactly_for_every_bit_pattern():
     rb.load_state_dict(state)
     b = rb.sample(4096)
     assert torch.equal(b.obs, rb.obs[0, b.indices].float())
+    assert torch.equal(b.obs.view(torch.int32), rb.obs[0, b.indices].float().view(torch.int32))  # and -0.0
     assert set(b.indices.tolist()) == set(range(256))

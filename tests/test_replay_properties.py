@@ -1,7 +1,6 @@
 """Property-based tests of the replay ops: random shapes, dtypes, task ids and sizes give either the result of a
 plain Python model or a clean RuntimeError/ValueError with a message, never a crash."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

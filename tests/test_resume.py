@@ -2,7 +2,6 @@
 checkpoint) and resumed ends with the same parameters, replay contents and logged metrics as a run that was
 never stopped."""
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -62,10 +61,11 @@ def checkpoint_steps(run_dir):
     return sorted(int(p.stem.split("_")[1]) for p in ck.glob("step_*.h5")) if ck.exists() else []
 
 
-def final_state(run_dir):
+def final_state(run_dir, steps=200, num_tasks=10, capacity=1000):
+    """Final checkpoint's network parameters, replay contents and the metric rows."""
     path = checkpoint.find_latest_good(run_dir)
-    assert path is not None and path.name == "step_000000000200.h5"
-    buffer = ReplayBuffer(10, 100, (39,), (4,), seed=1)
+    assert path is not None and path.name == f"step_{steps:012d}.h5", path
+    buffer = ReplayBuffer(num_tasks, capacity // num_tasks, (39,), (4,), seed=1)  # MetaWorld state envs
     state, _ = checkpoint.load(path, replay=buffer)
     with h5py.File(pathlib.Path(run_dir) / "metrics.h5", "r") as f:
         metrics = {f"{k}/{n}": f[k][n][()] for k in ("train", "eval") for n in f[k] if n != "duration"}

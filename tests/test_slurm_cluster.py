@@ -223,7 +223,7 @@ def test_launcher_presets_compose(tmp_path):
     gpu = _launcher_cfg(conf, "hydra/launcher=slurm_gpu")
     assert gpu._target_.endswith("SlurmLauncher")
     assert gpu.gpus_per_node == 1 and gpu.timeout_min >= 60
-    assert gpu.max_num_timeout > 0, "time-outs must requeue"
+    assert gpu.max_num_timeout > 0, "submitit's own time-out budget stays open as a fallback"
     assert 0 < gpu.signal_delay_s < gpu.timeout_min * 60
     assert gpu.additional_parameters.requeue is True
     assert OmegaConf.to_container(gpu, resolve=False)["setup"][0] == "export MUJOCO_GL=egl"

@@ -18,19 +18,16 @@ import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 import yaml
 
 from mtrl_hpc import checkpoint
-from mtrl_hpc.replay import ReplayBuffer
 from slurm_fixtures import wait_until
-from test_resume import assert_same_run, last_train_step
+from test_resume import assert_same_run, final_state, last_train_step
 from test_train import TINY
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MT1 = ["env=metaworld-mt1", "env.task_name=reach-v3"]
-OBS_SHAPE, ACTION_SHAPE = (39,), (4,)  # MetaWorld state envs
 
 pytestmark = pytest.mark.slurm
 
@@ -141,17 +138,6 @@ def run_log(run_dir: pathlib.Path) -> str:
     """The run's Python log (Hydra writes it to <run dir>/main.log, appended across requeues)."""
     path = run_dir / "main.log"
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def final_state(run_dir: pathlib.Path, steps: int, num_tasks: int, capacity: int):
-    """Final checkpoint's network parameters, replay contents and the metric rows (as tests/test_resume.py)."""
-    path = checkpoint.find_latest_good(run_dir)
-    assert path is not None and path.name == f"step_{steps:012d}.h5", path
-    buffer = ReplayBuffer(num_tasks, capacity // num_tasks, OBS_SHAPE, ACTION_SHAPE, seed=1)
-    state, _ = checkpoint.load(path, replay=buffer)
-    with h5py.File(run_dir / "metrics.h5", "r") as f:
-        metrics = {f"{k}/{n}": f[k][n][()] for k in ("train", "eval") for n in f[k] if n != "duration"}
-    return state["agent"]["modules"], buffer.state_dict(), metrics
 
 
 def stop_steps(log: str, reason: str) -> list[int]:
