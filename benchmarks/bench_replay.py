@@ -4,16 +4,20 @@ MT10 shapes (obs 39, action 4), 10 tasks x 100,000 rows = 1,000,000 transitions,
 same run:
   sample  mtrl_hpc ReplayBuffer.sample  vs  an mtrl-style numpy buffer (np.random.randint + fancy indexing +
           torch.as_tensor per field)  and  a plain PyTorch stratified reference (per-task index math +
-          index_select per field, outputs preallocated);
+          index_select from one contiguous tensor per field, outputs preallocated);
   gather  bytes of the sampled fields per second vs a plain memcpy (np.copyto) of as many contiguous bytes;
   add     one env step (10 rows, one call) vs ten mtrl-style single-transition adds (np.copyto per field);
   memory  storage bytes per transition, float32 and float16 observations;
   plain C++ (--plain-cpp) a plain C++ loop, compiled here with torch.utils.cpp_extension.load_inline, that
-          copies rows drawn by sample() (indices given: no RNG, no checks) on the same threads: the gather
-          written the obvious way in compiled code. Each drawn row touches about ten cache lines in five arrays
-          of hundreds of MB, so both are bound by DRAM latency; sample() prefetches rows ahead, this loop does not.
+          copies rows drawn by sample() (indices given: no RNG, no checks) on the same threads out of one
+          contiguous tensor per field: the gather written the obvious way in compiled code. There a drawn row
+          touches about ten cache lines in five arrays of hundreds of MB; in mtrl_hpc's record layout it
+          touches six adjacent lines. Both are bound by DRAM latency.
+The references keep one array per field, as mtrl and a plain implementation do; they hold their own copy of
+the same rows.
 Times are the best of several repeats of a timed loop (on a shared node the minimum is the run least disturbed
-by other processes; --stat median reports medians instead). Single runs on a loaded machine vary by 2x or more.
+by other processes; --stat median reports medians instead). The loops of mtrl_hpc and of the references it is
+compared with take turns, so that drift of a shared machine hits both sides of a ratio alike. Single runs on a loaded machine vary by 2x or more.
 """
 
 from __future__ import annotations
@@ -34,16 +38,23 @@ T, OBS, ACT = 10, 39, 4
 STAT = min
 
 
-def timeit(fn, number: int, repeat: int = 9) -> float:
-    """Seconds per call: STAT (min or median) over `repeat` timed loops of `number` calls."""
-    fn()
-    runs = []
+def timeit_together(fns, number: int, repeat: int = 9) -> list[float]:
+    """Seconds per call of each function: STAT (min or median) over `repeat` timed loops of `number` calls.
+    The loops of the functions take turns, so that a slow spell of a shared machine hits each of them alike."""
+    for fn in fns:
+        fn()
+    runs = [[] for _ in fns]
     for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(number):
-            fn()
-        runs.append((time.perf_counter() - t) / number)
-    return STAT(runs)
+        for fn, fn_runs in zip(fns, runs):
+            t = time.perf_counter()
+            for _ in range(number):
+                fn()
+            fn_runs.append((time.perf_counter() - t) / number)
+    return [STAT(r) for r in runs]
+
+
+def timeit(fn, number: int, repeat: int = 9) -> float:
+    return timeit_together([fn], number, repeat)[0]
 
 
 class MtrlStyleBuffer:
@@ -75,12 +86,19 @@ class MtrlStyleBuffer:
                 torch.as_tensor(self.not_dones[idxs]), torch.as_tensor(self.env_indices[idxs]))
 
 
-class TorchStratified:
-    """Plain PyTorch reference of stratified sampling: equal share per task, uniform rows, index_select."""
+def per_field_copies(rb: ReplayBuffer) -> list[torch.Tensor]:
+    """The buffer's rows as one contiguous [tasks, capacity, ...] tensor per field (obs, action, reward,
+    next_obs, not_done): the layout a plain implementation keeps (mtrl keeps one numpy array per field)."""
+    return [x.contiguous() for x in (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done)]
 
-    def __init__(self, rb: ReplayBuffer, batch_size: int):
+
+class TorchStratified:
+    """Plain PyTorch reference of stratified sampling: equal share per task, uniform rows, index_select from
+    one tensor per field."""
+
+    def __init__(self, rb: ReplayBuffer, fields: list[torch.Tensor], batch_size: int):
         C = rb.capacity_per_task
-        self.flat = [x.view(T * C, -1) for x in (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done)]
+        self.flat = [x.view(T * C, -1) for x in fields]
         self.task_ids = torch.arange(T).repeat_interleave(batch_size // T)
         self.base = self.task_ids * C
         self.size = rb.sizes()[self.task_ids].double()
@@ -125,8 +143,9 @@ void gather(const torch::Tensor& obs, const torch::Tensor& action, const torch::
 """
 
 
-def plain_cpp_gather(rb: ReplayBuffer, batch_size: int):
-    """A function that copies rows drawn by sample() with the plain loop of PLAIN_CPP_SOURCE."""
+def plain_cpp_gather(rb: ReplayBuffer, fields: list[torch.Tensor], batch_size: int):
+    """A function that copies rows drawn by sample() out of per-field tensors with the plain loop of
+    PLAIN_CPP_SOURCE."""
     from torch.utils.cpp_extension import load_inline
 
     mod = load_inline("mtrl_hpc_bench_plain_gather", cpp_sources=PLAIN_CPP_SOURCE, functions=["gather"],
@@ -140,7 +159,7 @@ def plain_cpp_gather(rb: ReplayBuffer, batch_size: int):
 
     def run():
         t, i = next(draws)
-        mod.gather(rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, t, i, *outs)
+        mod.gather(*fields, t, i, *outs)
 
     return run
 
@@ -188,10 +207,9 @@ def main() -> None:
     fill(rb, mtrl, C, rng)
     print(f"filled both buffers in {time.perf_counter() - t:.1f} s\n")
 
-    ref = TorchStratified(rb, B)
-    t_ours = timeit(lambda: rb.sample(B), number)
-    t_mtrl = timeit(lambda: mtrl.sample(B), number)
-    t_ref = timeit(ref.sample, number)
+    fields = per_field_copies(rb)
+    ref = TorchStratified(rb, fields, B)
+    t_ours, t_mtrl, t_ref = timeit_together([lambda: rb.sample(B), lambda: mtrl.sample(B), ref.sample], number)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference's index_select uses the thread pool; on a busy node one thread can win
     t_ref1 = timeit(ref.sample, number)
@@ -213,15 +231,15 @@ def main() -> None:
 
     step = dict(obs=rng.standard_normal((T, OBS)), action=rng.uniform(-1, 1, (T, ACT)), reward=rng.standard_normal(T),
                 next_obs=rng.standard_normal((T, OBS)), done=np.zeros(T, dtype=bool), task_ids=np.arange(T))
-    t_add = timeit(lambda: rb.add(**step), number * 4)
 
     def mtrl_adds():
         for i in range(T):
             mtrl.add(step["obs"][i], step["action"][i], step["reward"][i], step["next_obs"][i], False, i)
 
-    t_mtrl_add = timeit(mtrl_adds, number * 4)
+    t_add, t_mtrl_add = timeit_together([lambda: rb.add(**step), mtrl_adds], number * 4)
 
-    t_plain_cpp = timeit(plain_cpp_gather(rb, B), number) if args.plain_cpp else None
+    t_plain_cpp = timeit(plain_cpp_gather(rb, fields, B), number) if args.plain_cpp else None
+    del ref, fields
 
     rb16 = ReplayBuffer(T, C, (OBS,), (ACT,), seed=0, obs_dtype=torch.float16)
     fill(rb16, None, C, rng)
@@ -232,8 +250,7 @@ def main() -> None:
     mem = {}
     for dtype in (torch.float32, torch.float16):
         m = ReplayBuffer(T, small, (OBS,), (ACT,), obs_dtype=dtype)
-        mem[dtype] = sum(v.numel() * v.element_size() for k, v in m.state_dict().items()
-                         if isinstance(v, torch.Tensor) and k != "added") / (T * small)
+        mem[dtype] = m.storage_bytes / (T * small)
 
     gbps = out_bytes / t_ours / 1e9
     copy_gbps = out_bytes / t_copy / 1e9

@@ -1,9 +1,11 @@
 """Task-stratified replay buffer, resident on the training device (thin face of csrc/replay).
 
 Storage: one tensor per field shaped ``[tasks, capacity_per_task, ...]`` on ``device`` (obs and next_obs in
-``obs_dtype``: float32, float16 or bfloat16; action, reward and not_done in float32). Each task is a ring
-buffer; ``added[t]`` counts the transitions ever written to task t, so its write cursor is
-``added[t] % capacity_per_task`` and its fill count ``min(added[t], capacity_per_task)``.
+``obs_dtype``: float32, float16 or bfloat16; action, reward and not_done in float32). The fields are views
+into one allocation holding a record per transition (obs, next_obs, action, reward, not_done side by side), so
+each row ``field[t, i]`` is contiguous and the rows are strided. Each task is a ring buffer; ``added[t]``
+counts the transitions ever written to task t, so its write cursor is ``added[t] % capacity_per_task`` and
+its fill count ``min(added[t], capacity_per_task)``.
 
 ``add`` writes one env step (one row per entry of ``task_ids``; repeated ids write consecutive ring slots in
 row order). ``done`` means *terminated*: pass ``terminated``, not ``terminated | truncated``; the buffer
@@ -35,10 +37,11 @@ and are **reused by the next call of the same batch size**: clone what must outl
 does not synchronise with the host. ``add`` reads task ids on the host (task ids given as a CUDA tensor cost
 one sync).
 
-Performance notes: on the CPU, storage is allocated with transparent huge pages where Linux allows it (random
-rows of a large buffer then miss the TLB less). ``sample`` splits the batch over torch's intra-op threads
-(chunks of at least 512 rows) and prefetches rows a few ahead; it is bound by DRAM latency, not by arithmetic.
-``add`` costs one kernel call for the whole env step. Both call the ops through the direct entries of
+Performance notes: a sampled transition is one record of a few adjacent cache lines (336 bytes for MT10
+shapes), not rows of five arrays of hundreds of MB; ``sample`` is bound by DRAM latency, so the lines a row
+touches set its speed. On the CPU, storage is allocated with transparent huge pages where Linux allows it.
+``sample`` splits the batch over torch's intra-op threads (chunks of at least 512 rows) and prefetches rows a
+few ahead. ``add`` costs one kernel call for the whole env step. Both call the ops through the direct entries of
 ``mtrl_hpc._C`` (csrc/bindings.cpp), which skip torch.ops' per-call argument parsing.
 
 State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;
@@ -50,6 +53,7 @@ rows added after it. Loading the full save and then each delta in order reproduc
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -145,11 +149,18 @@ class ReplayBuffer:
         self.seed = int(seed) & _MASK64
         self.sample_counter = 0
         T, C, dev = self.num_tasks, self.capacity_per_task, self.device
-        self.obs = _storage((T, C, *self.obs_shape), obs_dtype, dev)
-        self.next_obs = _storage((T, C, *self.obs_shape), obs_dtype, dev)
-        self.action = _storage((T, C, *self.action_shape), torch.float32, dev)
-        self.reward = _storage((T, C), torch.float32, dev)
-        self.not_done = _storage((T, C), torch.float32, dev)
+        # One record of float32 words per transition: obs and next_obs (obs_dtype, padded together to a whole
+        # word), action, reward, not_done. A sampled row is then a few adjacent cache lines in one page instead
+        # of lines in five arrays, which is what bounds sample() on a large buffer.
+        O, A = math.prod(self.obs_shape), math.prod(self.action_shape)
+        obs_words = -(-2 * O * obs_dtype.itemsize // 4)
+        self._records = _storage((T, C, obs_words + A + 2), torch.float32, dev)
+        both_obs = self._records[:, :, :obs_words].view(obs_dtype)
+        self.obs = both_obs[:, :, :O].unflatten(2, self.obs_shape)
+        self.next_obs = both_obs[:, :, O:2 * O].unflatten(2, self.obs_shape)
+        self.action = self._records[:, :, obs_words:obs_words + A].unflatten(2, self.action_shape)
+        self.reward = self._records[:, :, obs_words + A]
+        self.not_done = self._records[:, :, obs_words + A + 1]
         self.added = torch.zeros(T, dtype=torch.int64, device=dev)
         # Host copy of `added`, so planning a batch never reads the device. On the CPU it is `added` itself.
         self._on_cpu = dev.type == "cpu"
@@ -303,6 +314,11 @@ class ReplayBuffer:
         """Per-task fill counts (CPU int64 tensor, from the host mirror: no device sync)."""
         return torch.from_numpy(np.minimum(self._added_host, self.capacity_per_task))
 
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes the stored transitions occupy (the records of every task, whether filled or not)."""
+        return self._records.nbytes
+
     def __len__(self) -> int:
         return int(np.minimum(self._added_host, self.capacity_per_task).sum())
 
@@ -392,7 +408,7 @@ class ReplayBuffer:
         rows = getattr(self, name)[t, start:stop].detach()
         if rows.dtype == torch.bfloat16:
             rows = rows.view(torch.int16)
-        rows = rows.cpu().numpy()
+        rows = np.ascontiguousarray(rows.cpu().numpy())  # a field's rows are strided within the records
         return rows.view(np.uint16) if rows.dtype == np.int16 else rows
 
     def save_hdf5(self, group, since=None, digest=None) -> int:
@@ -479,19 +495,12 @@ class ReplayBuffer:
             if full:  # rows beyond the fill count are zero, as in a fresh buffer
                 for t in range(self.num_tasks):
                     dst[t, min(int(added[t]), self.capacity_per_task):].zero_()
-            if self._on_cpu:  # HDF5 reads straight into the storage rows (bfloat16 as its uint16 bits)
-                raw = dst.view(torch.int16).numpy().view(np.uint16) if dst.dtype == torch.bfloat16 else dst.numpy()
-                off = 0
-                for t, start, count in runs:
-                    ds.read_direct(raw[t], np.s_[off:off + count], np.s_[start:start + count])
-                    off += count
-                continue
-            rows = ds[()]
-            data = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if rows.dtype == np.uint16 else \
-                torch.from_numpy(rows)
             off = 0
-            for t, start, count in runs:
-                dst[t, start:start + count].copy_(data[off:off + count])
+            for t, start, count in runs:  # one run at a time: at most capacity_per_task rows in host memory
+                rows = ds[off:off + count]
+                data = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if rows.dtype == np.uint16 else \
+                    torch.from_numpy(rows)
+                dst[t, start:start + count].copy_(data)
                 off += count
         self.added.copy_(torch.from_numpy(added))
         self._set_counters(added, int(a["sample_counter"]), int(a["seed"]))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtrl_hpc import ops  # noqa: F401
+from mtrl_hpc import _C, ops  # noqa: F401
 from mtrl_hpc.replay import Batch, ReplayBuffer
 
 M32 = 0xFFFFFFFF
@@ -205,6 +205,37 @@ def test_direct_entry_and_torch_ops_draw_the_same_rows():
     torch.ops.mtrl_hpc.replay_sample(b.obs, b.action, b.reward, b.next_obs, b.not_done, b.added, offsets, b.seed, 0,
                                      *out)
     assert all(torch.equal(u, v) for u, v in zip(x, out))
+
+
+@pytest.mark.parametrize("obs_dtype", [torch.float32, torch.float16])
+def test_record_views_and_separate_tensors_give_the_same_results(obs_dtype):
+    """ReplayBuffer's fields are strided views into one record per transition; the ops must write and read them
+    exactly as they do contiguous tensors of their own."""
+    rb = ReplayBuffer(3, 8, (2, 3), (2,), seed=9, obs_dtype=obs_dtype)
+    # obs and next_obs (6 values each) padded to whole 4-byte words, then action, reward, not_done
+    record_bytes = {torch.float32: 2 * 6 * 4 + 2 * 4 + 8, torch.float16: 2 * 6 * 2 + 2 * 4 + 8}[obs_dtype]
+    assert rb.storage_bytes == 3 * 8 * record_bytes
+    assert len({x.untyped_storage().data_ptr() for x in (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done)}) == 1
+    assert rb.obs.shape == (3, 8, 2, 3) and rb.obs[1, 2].is_contiguous() and not rb.obs.is_contiguous()
+    own = [x.contiguous().clone() for x in (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added)]
+    assert all(x.is_contiguous() for x in own)
+    rng = np.random.default_rng(1)
+    for ids in ([0, 1, 2], [2, 2, 0, 2], [1] * 11, [0, 1, 2] * 4):
+        s = {k: torch.from_numpy(np.asarray(v)) for k, v in step(rng, 0, obs_dim=6, ids=ids).items()}
+        obs, nxt = s["obs"].reshape(len(ids), 2, 3), s["next_obs"].reshape(len(ids), 2, 3)
+        for stores in ((rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added), own):
+            torch.ops.mtrl_hpc.replay_add(*stores, obs, s["action"], s["reward"], nxt, s["done"], s["task_ids"])
+    views = (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added)
+    for view, mine in zip(views, own):
+        assert torch.equal(view, mine)
+    offsets = torch.tensor([0, 7, 9, 20])
+    out_views = [torch.empty_like(x) for x in rb._outputs_for(20)]
+    out_own = [torch.empty_like(x) for x in out_views]
+    torch.ops.mtrl_hpc.replay_sample(*views, offsets, 9, 4, *out_views)
+    _C.replay_sample(*own, offsets, 9, 4, *out_own)
+    assert all(torch.equal(u, v) for u, v in zip(out_views, out_own))
+    assert out_views[0].shape == (20, 2, 3)
+    check_batch_matches_storage(rb, Batch(*out_views))
 
 
 def test_sample_counts_per_task_exact_in_every_batch():
@@ -516,6 +547,9 @@ def test_sample_op_errors_name_the_argument():
         op(empty.obs, empty.action, empty.reward, empty.next_obs, empty.not_done, empty.added, offsets, 0, 0, *out)
     with pytest.raises(RuntimeError, match="next_obs_store"):
         op(rb.obs, rb.action, rb.reward, rb.next_obs[:, :2], rb.not_done, rb.added, offsets, 0, 0, *out)
+    strided_rows = torch.zeros(2, 4, 10)[:, :, ::2]  # [2, 4, 5] with every other value: rows not contiguous
+    with pytest.raises(RuntimeError, match=r"every row obs_store\[t, i\] must be contiguous"):
+        op(strided_rows, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added, offsets, 0, 0, *out)
 
 
 def test_constructor_errors():

@@ -106,6 +106,13 @@ def test_raw_ops_reject_malformed_arguments_cleanly(data):
         "next_obs_store": torch.zeros(T, C, 2), "not_done_store": torch.zeros(T, C),
         "added": torch.tensor(data.draw(st.lists(st.sampled_from([0, 1, C + 1, -1]), min_size=T, max_size=T))),
     }
+    layout = data.draw(st.sampled_from(["own tensors", "views into records", "obs rows strided"]))
+    if layout != "own tensors":  # same shapes as views into one record per row, as ReplayBuffer lays them out
+        rec = torch.zeros(T, C, 9)
+        good.update(obs_store=rec[:, :, 0:2], next_obs_store=rec[:, :, 2:4], action_store=rec[:, :, 4:5],
+                    reward_store=rec[:, :, 5], not_done_store=rec[:, :, 6])
+        if layout == "obs rows strided":  # rows that are not contiguous: a clean error
+            good["obs_store"] = rec[:, :, 5:9:2]
     name = data.draw(st.sampled_from(sorted(good)))
     args = dict(good)
     if data.draw(st.booleans()):

@@ -1,7 +1,9 @@
 // Index math of the task-stratified replay buffer, shared by the CPU loops (replay_cpu.cpp) and the CUDA
 // kernels (replay_cuda.cu), so the CPU tests exercise exactly the arithmetic the GPU runs.
 //
-// Layout: every field is stored as [tasks, capacity, ...]; task t is a ring buffer of `capacity` rows.
+// Layout: every field is [tasks, capacity, ...]; task t is a ring buffer of `capacity` rows. A row of a field is
+// contiguous, and rows are addressed through the field's strides (RowStrides), so a field can be a tensor of
+// its own or a view into one interleaved record per transition (what ReplayBuffer allocates).
 // The only per-task state is `added[t]`, the number of transitions ever written to task t:
 //   write cursor = added[t] % capacity, fill count = min(added[t], capacity).
 // Filled rows are always rows [0, fill count) of the task: the ring fills from row 0 and, once full, every
@@ -14,6 +16,14 @@
 
 namespace mtrl_hpc {
 namespace replay {
+
+// Where the rows of one field are: row i of task t starts `task * t + row * i` elements (bytes on the CPU path)
+// after the field's data pointer.
+struct RowStrides {
+  int64_t task;
+  int64_t row;
+  MTRL_HD int64_t at(int64_t t, int64_t i) const { return t * task + i * row; }
+};
 
 MTRL_HD inline int64_t fill_count(int64_t added, int64_t capacity) { return added < capacity ? added : capacity; }
 

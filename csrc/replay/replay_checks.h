@@ -23,6 +23,16 @@ inline bool is_float_input(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// True when x[t, i] (the dims after the first two) is laid out contiguously.
+inline bool rows_are_contiguous(const at::Tensor& x) {
+  int64_t expected = 1;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return true;
+}
+
 struct StoreInfo {
   int64_t num_tasks;
   int64_t capacity;
@@ -32,8 +42,8 @@ struct StoreInfo {
 };
 
 // The storage tensors: obs/next_obs [T, C, *obs_shape] (float32/float16/bfloat16, same dtype),
-// action [T, C, *action_shape] float32, reward/not_done [T, C] float32, added [T] int64; one device,
-// contiguous.
+// action [T, C, *action_shape] float32, reward/not_done [T, C] float32, added [T] int64 contiguous; one device.
+// Each row x[t, i] of a field must be contiguous; the rows themselves may be strided (views into records).
 inline StoreInfo check_stores(const char* op, const at::Tensor& obs_store, const at::Tensor& action_store,
                               const at::Tensor& reward_store, const at::Tensor& next_obs_store,
                               const at::Tensor& not_done_store, const at::Tensor& added) {
@@ -49,20 +59,15 @@ inline StoreInfo check_stores(const char* op, const at::Tensor& obs_store, const
     TORCH_CHECK(x.device() == dev, op, "(): ", name, " is on ", x.device(), " but obs_store is on ", dev,
                 "; keep all buffer tensors on one device");
   };
-  auto contiguous = [&](const at::Tensor& x, const char* name) {
-    TORCH_CHECK(x.is_contiguous(), op, "(): ", name, " must be contiguous");
+  auto rows_contiguous = [&](const at::Tensor& x, const char* name) {
+    TORCH_CHECK(rows_are_contiguous(x), op, "(): every row ", name, "[t, i] must be contiguous, got strides ",
+                shape_str(x.strides()), " for shape ", shape_str(x.sizes()));
   };
   same_device(action_store, "action_store");
   same_device(reward_store, "reward_store");
   same_device(next_obs_store, "next_obs_store");
   same_device(not_done_store, "not_done_store");
   same_device(added, "added");
-  contiguous(obs_store, "obs_store");
-  contiguous(action_store, "action_store");
-  contiguous(reward_store, "reward_store");
-  contiguous(next_obs_store, "next_obs_store");
-  contiguous(not_done_store, "not_done_store");
-  contiguous(added, "added");
   TORCH_CHECK(next_obs_store.sizes() == obs_store.sizes(), op, "(): next_obs_store has shape ",
               shape_str(next_obs_store.sizes()), " but obs_store has shape ", shape_str(obs_store.sizes()));
   TORCH_CHECK(next_obs_store.scalar_type() == obs_store.scalar_type(), op, "(): next_obs_store is ",
@@ -82,6 +87,10 @@ inline StoreInfo check_stores(const char* op, const at::Tensor& obs_store, const
   TORCH_CHECK(added.dim() == 1 && added.size(0) == T, op, "(): added must be [", T, "], got ",
               shape_str(added.sizes()));
   TORCH_CHECK(added.scalar_type() == at::kLong, op, "(): added must be int64, got ", added.scalar_type());
+  TORCH_CHECK(added.is_contiguous(), op, "(): added must be contiguous");
+  rows_contiguous(obs_store, "obs_store");
+  rows_contiguous(next_obs_store, "next_obs_store");
+  rows_contiguous(action_store, "action_store");
   return StoreInfo{T, C, obs_store.numel() / (T * C), action_store.numel() / (T * C), dev};
 }
 

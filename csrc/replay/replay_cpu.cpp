@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstring>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -55,6 +56,21 @@ inline float read_scalar(const at::Tensor& x, int64_t i) {
   }
 }
 
+// Byte addresses of the rows of one stored field.
+struct FieldRows {
+  char* base;
+  RowStrides stride;  // in bytes
+  int64_t bytes;      // of one row
+  char* row(int64_t t, int64_t i) const { return base + stride.at(t, i); }
+};
+
+// x is a checked store: [T, C, ...] with T, C > 0 and contiguous rows.
+inline FieldRows rows_of(const at::Tensor& x) {
+  const int64_t es = static_cast<int64_t>(x.element_size());
+  const int64_t row_numel = x.numel() / (x.size(0) * x.size(1));
+  return {static_cast<char*>(x.data_ptr()), {x.stride(0) * es, x.stride(1) * es}, row_numel * es};
+}
+
 void replay_add_cpu(at::Tensor obs_store, at::Tensor action_store, at::Tensor reward_store, at::Tensor next_obs_store,
                     at::Tensor not_done_store, at::Tensor added, const at::Tensor& obs, const at::Tensor& action,
                     const at::Tensor& reward, const at::Tensor& next_obs, const at::Tensor& done,
@@ -73,32 +89,71 @@ void replay_add_cpu(at::Tensor obs_store, at::Tensor action_store, at::Tensor re
   }
   const int64_t C = s.capacity, O = s.obs_numel, A = s.action_numel;
   const at::ScalarType st = obs_store.scalar_type();
-  const size_t ob = c10::elementSize(st), ib = c10::elementSize(o.scalar_type()), ab = c10::elementSize(a.scalar_type());
-  char* os = static_cast<char*>(obs_store.data_ptr());
-  char* ns = static_cast<char*>(next_obs_store.data_ptr());
-  float* as = action_store.data_ptr<float>();
-  float* rs = reward_store.data_ptr<float>();
-  float* ds = not_done_store.data_ptr<float>();
+  const size_t ib = c10::elementSize(o.scalar_type()), ab = c10::elementSize(a.scalar_type());
+  const FieldRows os = rows_of(obs_store), ns = rows_of(next_obs_store), as = rows_of(action_store);
+  const FieldRows rs = rows_of(reward_store), ds = rows_of(not_done_store);
   const char* op = static_cast<const char*>(o.data_ptr());
   const char* nop = static_cast<const char*>(no.data_ptr());
   const char* ap = static_cast<const char*>(a.data_ptr());
   // Rows are written in order, so repeated task ids land in consecutive ring slots.
   for (int64_t i = 0; i < N; ++i) {
     const int64_t t = id[i];
-    const int64_t row = t * C + write_slot(cnt[t], 0, C);
-    copy_row(os + row * O * ob, st, op + i * O * ib, o.scalar_type(), O);
-    copy_row(ns + row * O * ob, st, nop + i * O * ib, no.scalar_type(), O);
-    copy_row(as + row * A, at::kFloat, ap + i * A * ab, a.scalar_type(), A);
-    rs[row] = read_scalar(r, i);
-    ds[row] = read_scalar(d, i) != 0.f ? 0.f : 1.f;
+    const int64_t slot = write_slot(cnt[t], 0, C);
+    copy_row(os.row(t, slot), st, op + i * O * ib, o.scalar_type(), O);
+    copy_row(ns.row(t, slot), st, nop + i * O * ib, no.scalar_type(), O);
+    copy_row(as.row(t, slot), at::kFloat, ap + i * A * ab, a.scalar_type(), A);
+    *reinterpret_cast<float*>(rs.row(t, slot)) = read_scalar(r, i);
+    *reinterpret_cast<float*>(ds.row(t, slot)) = read_scalar(d, i) != 0.f ? 0.f : 1.f;
     cnt[t] += 1;
   }
 }
 
-// Software prefetch of one stored row (all its cache lines).
-inline void prefetch_bytes(const char* p, size_t n) {
-  for (size_t k = 0; k < n; k += 64) __builtin_prefetch(p + k, 0, 0);
+// Asks for the cache line holding p. Volatile asm where the compiler is GCC or Clang: GCC deletes a loop whose
+// body is only __builtin_prefetch as free of side effects, which left sample() with no prefetch at all.
+inline void prefetch_line(const char* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#elif defined(__aarch64__) && defined(__GNUC__)
+  asm volatile("prfm pldl1keep, %a0" : : "p"(p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
 }
+
+// What sample() prefetches of a stored transition: the byte range of its whole record when the five fields
+// are views into one record per row (ReplayBuffer's layout: a transition is a few adjacent cache lines), else
+// each field's row on its own.
+struct PrefetchPlan {
+  int n = 0;
+  FieldRows range[5];
+
+  explicit PrefetchPlan(const FieldRows (&fields)[5]) {
+    constexpr int64_t kMaxRecordBytes = 1024;
+    bool shared = true;
+    char* lo = fields[0].base;
+    char* hi = fields[0].base + fields[0].bytes;
+    for (const FieldRows& f : fields) {
+      shared = shared && f.stride.task == fields[0].stride.task && f.stride.row == fields[0].stride.row;
+      lo = f.base < lo ? f.base : lo;
+      hi = f.base + f.bytes > hi ? f.base + f.bytes : hi;
+    }
+    if (shared && hi - lo <= kMaxRecordBytes) {
+      range[n++] = FieldRows{lo, fields[0].stride, hi - lo};
+    } else {
+      for (const FieldRows& f : fields) range[n++] = f;
+    }
+  }
+
+  void prefetch(int64_t t, int64_t i) const {
+    for (int k = 0; k < n; ++k) {
+      const char* p = range[k].row(t, i);
+      const char* end = p + range[k].bytes;
+      for (p = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}); p < end; p += 64) {
+        prefetch_line(p);
+      }
+    }
+  }
+};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // float16 -> float32 with the F16C instructions (exact, like the scalar conversion, 8 values per instruction).
@@ -131,42 +186,32 @@ inline void load_obs_row(float* dst, const S* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Task ids and drawn rows of batch rows [b0, b1). The Philox words come first, in a loop of their own that
-// the compiler vectorizes; the task of each row is a walk along the offsets (batch rows are grouped by task).
-void draw_rows(uint64_t seed, uint64_t counter, const int64_t* off, int64_t T, const int64_t* cnt, int64_t C,
-               int64_t b0, int64_t b1, int64_t* tid, int64_t* ind) {
-  uint64_t* bits = reinterpret_cast<uint64_t*>(ind);  // the rows overwrite their own random bits in place
-  for (int64_t b = b0; b < b1; ++b) bits[b] = draw_bits(seed, counter, static_cast<uint64_t>(b));
-  int64_t t = task_of_row(off, T, b0);
-  for (int64_t b = b0; b < b1; ++b) {
-    while (off[t + 1] <= b) ++t;
-    tid[b] = t;
-    ind[b] = row_of_bits(bits[b], fill_count(cnt[t], C));
-  }
-}
-
-// Copies rows [b0, b1) of the batch; every field of row b in one pass, prefetching a few rows ahead so that
-// the cache misses of several rows overlap (random rows of a large buffer come from DRAM).
+// Draws and copies batch rows [b0, b1). Row b + kAhead is drawn (Philox, then the walk along the offsets to
+// its task) and prefetched while row b is copied: random rows of a large buffer come from DRAM, so several
+// rows' cache misses overlap, and the RNG arithmetic runs while the core waits for them.
 template <typename S>
-void gather_rows(const S* os, const S* ns, const float* as, const float* rs, const float* ds, const int64_t* tid,
-                 const int64_t* ind, int64_t b0, int64_t b1, int64_t C, int64_t O, int64_t A, float* oo, float* no,
-                 float* ao, float* ro, float* dout) {
+void sample_rows(uint64_t seed, uint64_t counter, const int64_t* off, const int64_t* cnt, int64_t T, int64_t C,
+                 const FieldRows (&f)[5], const PrefetchPlan& plan, int64_t b0, int64_t b1, int64_t O, int64_t A,
+                 int64_t* tid, int64_t* ind, float* oo, float* ao, float* ro, float* no, float* dout) {
   constexpr int64_t kAhead = 8;
+  int64_t t = task_of_row(off, T, b0);  // task of the next row to draw
+  int64_t drawn = b0;
+  auto draw_next = [&] {
+    while (off[t + 1] <= drawn) ++t;
+    tid[drawn] = t;
+    ind[drawn] = draw_row(seed, counter, static_cast<uint64_t>(drawn), fill_count(cnt[t], C));
+    plan.prefetch(t, ind[drawn]);
+    ++drawn;
+  };
+  while (drawn < b1 && drawn < b0 + kAhead) draw_next();
   for (int64_t b = b0; b < b1; ++b) {
-    if (b + kAhead < b1) {
-      const int64_t pr = tid[b + kAhead] * C + ind[b + kAhead];
-      prefetch_bytes(reinterpret_cast<const char*>(os + pr * O), O * sizeof(S));
-      prefetch_bytes(reinterpret_cast<const char*>(ns + pr * O), O * sizeof(S));
-      prefetch_bytes(reinterpret_cast<const char*>(as + pr * A), A * sizeof(float));
-      __builtin_prefetch(rs + pr, 0, 0);
-      __builtin_prefetch(ds + pr, 0, 0);
-    }
-    const int64_t row = tid[b] * C + ind[b];
-    load_obs_row(oo + b * O, os + row * O, O);
-    load_obs_row(no + b * O, ns + row * O, O);
-    std::memcpy(ao + b * A, as + row * A, A * sizeof(float));
-    ro[b] = rs[row];
-    dout[b] = ds[row];
+    if (drawn < b1) draw_next();
+    const int64_t tb = tid[b], i = ind[b];
+    load_obs_row(oo + b * O, reinterpret_cast<const S*>(f[0].row(tb, i)), O);
+    std::memcpy(ao + b * A, f[1].row(tb, i), A * sizeof(float));
+    ro[b] = *reinterpret_cast<const float*>(f[2].row(tb, i));
+    load_obs_row(no + b * O, reinterpret_cast<const S*>(f[3].row(tb, i)), O);
+    dout[b] = *reinterpret_cast<const float*>(f[4].row(tb, i));
   }
 }
 
@@ -197,20 +242,17 @@ void replay_sample_cpu(const at::Tensor& obs_store, const at::Tensor& action_sto
   // Rows are split over at most a few threads (grain kGrainRows): with 1280 rows two threads overlap twice as
   // many cache misses, which is what bounds this loop; small batches stay on the calling thread.
   constexpr int64_t kGrainRows = 512;
+  const FieldRows fields[5] = {rows_of(obs_store), rows_of(action_store), rows_of(reward_store),
+                               rows_of(next_obs_store), rows_of(not_done_store)};
+  const PrefetchPlan plan(fields);
+  float* oo = obs.data_ptr<float>();
+  float* ao = action.data_ptr<float>();
+  float* ro = reward.data_ptr<float>();
+  float* no = next_obs.data_ptr<float>();
+  float* dout = not_done.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, obs_store.scalar_type(), "replay_sample_cpu", [&] {
-    const scalar_t* os = obs_store.data_ptr<scalar_t>();
-    const scalar_t* ns = next_obs_store.data_ptr<scalar_t>();
-    const float* as = action_store.data_ptr<float>();
-    const float* rs = reward_store.data_ptr<float>();
-    const float* ds = not_done_store.data_ptr<float>();
-    float* oo = obs.data_ptr<float>();
-    float* no = next_obs.data_ptr<float>();
-    float* ao = action.data_ptr<float>();
-    float* ro = reward.data_ptr<float>();
-    float* dout = not_done.data_ptr<float>();
     at::parallel_for(0, B, kGrainRows, [&](int64_t b0, int64_t b1) {
-      draw_rows(useed, uctr, off, T, cnt, C, b0, b1, tid, ind);
-      gather_rows<scalar_t>(os, ns, as, rs, ds, tid, ind, b0, b1, C, O, A, oo, no, ao, ro, dout);
+      sample_rows<scalar_t>(useed, uctr, off, cnt, T, C, fields, plan, b0, b1, O, A, tid, ind, oo, ao, ro, no, dout);
     });
   });
 }

@@ -17,13 +17,30 @@ namespace {
 constexpr int kAddThreads = 128;
 constexpr int kSampleWarps = 4;  // rows per block: one warp per batch row
 
+// Device pointers of the five stored fields and where their rows are (strides in elements).
+template <typename S>
+struct Stores {
+  S* obs;
+  S* next_obs;
+  float* action;
+  float* reward;
+  float* not_done;
+  RowStrides obs_rows, next_rows, action_rows, reward_rows, not_done_rows;
+};
+
+template <typename S>
+Stores<S> stores_of(const at::Tensor& obs, const at::Tensor& action, const at::Tensor& reward,
+                    const at::Tensor& next_obs, const at::Tensor& not_done) {
+  auto rows = [](const at::Tensor& x) { return RowStrides{x.stride(0), x.stride(1)}; };
+  return {obs.data_ptr<S>(), next_obs.data_ptr<S>(), action.data_ptr<float>(), reward.data_ptr<float>(),
+          not_done.data_ptr<float>(), rows(obs), rows(next_obs), rows(action), rows(reward), rows(not_done)};
+}
+
 // One block per input row i. Thread 0 finds the row's rank among the rows of the same task in this call (rows
 // are few: one per env), so repeated task ids land in consecutive ring slots as on the CPU. Rows that a later
 // row of the same call overwrites are skipped, so no two blocks write the same slot.
 template <typename S>
-__global__ void add_rows_kernel(S* __restrict__ obs_store, S* __restrict__ next_store, float* __restrict__ act_store,
-                                float* __restrict__ rew_store, float* __restrict__ nd_store,
-                                const int64_t* __restrict__ added, const S* __restrict__ obs,
+__global__ void add_rows_kernel(Stores<S> st, const int64_t* __restrict__ added, const S* __restrict__ obs,
                                 const S* __restrict__ next_obs, const float* __restrict__ action,
                                 const float* __restrict__ reward, const float* __restrict__ done,
                                 const int64_t* __restrict__ ids, int64_t N, int64_t C, int64_t O, int64_t A) {
@@ -43,15 +60,18 @@ __global__ void add_rows_kernel(S* __restrict__ obs_store, S* __restrict__ next_
   }
   __syncthreads();
   if (!row_survives(s_rank, s_total, C) || added[t] < 0) return;  // added < 0: corrupt state, write nothing
-  const int64_t row = t * C + write_slot(added[t], s_rank, C);
+  const int64_t slot = write_slot(added[t], s_rank, C);
+  S* obs_row = st.obs + st.obs_rows.at(t, slot);
+  S* next_row = st.next_obs + st.next_rows.at(t, slot);
+  float* action_row = st.action + st.action_rows.at(t, slot);
   for (int64_t k = threadIdx.x; k < O; k += blockDim.x) {
-    obs_store[row * O + k] = obs[i * O + k];
-    next_store[row * O + k] = next_obs[i * O + k];
+    obs_row[k] = obs[i * O + k];
+    next_row[k] = next_obs[i * O + k];
   }
-  for (int64_t k = threadIdx.x; k < A; k += blockDim.x) act_store[row * A + k] = action[i * A + k];
+  for (int64_t k = threadIdx.x; k < A; k += blockDim.x) action_row[k] = action[i * A + k];
   if (threadIdx.x == 0) {
-    rew_store[row] = reward[i];
-    nd_store[row] = done[i] != 0.f ? 0.f : 1.f;
+    st.reward[st.reward_rows.at(t, slot)] = reward[i];
+    st.not_done[st.not_done_rows.at(t, slot)] = done[i] != 0.f ? 0.f : 1.f;
   }
 }
 
@@ -84,8 +104,8 @@ void replay_add_cuda(at::Tensor obs_store, at::Tensor action_store, at::Tensor r
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "replay_add_cuda", [&] {
     add_rows_kernel<scalar_t><<<static_cast<unsigned>(N), kAddThreads, 0, stream>>>(
-        obs_store.data_ptr<scalar_t>(), next_obs_store.data_ptr<scalar_t>(), action_store.data_ptr<float>(),
-        reward_store.data_ptr<float>(), not_done_store.data_ptr<float>(), added.data_ptr<int64_t>(),
+        stores_of<scalar_t>(obs_store, action_store, reward_store, next_obs_store, not_done_store),
+        added.data_ptr<int64_t>(),
         o.data_ptr<scalar_t>(), no.data_ptr<scalar_t>(), a.data_ptr<float>(), r.data_ptr<float>(),
         d.data_ptr<float>(), ids.data_ptr<int64_t>(), N, s.capacity, s.obs_numel, s.action_numel);
   });
@@ -100,9 +120,7 @@ void replay_add_cuda(at::Tensor obs_store, at::Tensor action_store, at::Tensor r
 // fields. A task with no data (offsets the Python side never produces) yields zeros and index -1 rather than a
 // read out of bounds; the CPU kernel rejects such offsets with an error.
 template <typename S>
-__global__ void sample_kernel(const S* __restrict__ obs_store, const S* __restrict__ next_store,
-                              const float* __restrict__ act_store, const float* __restrict__ rew_store,
-                              const float* __restrict__ nd_store, const int64_t* __restrict__ added,
+__global__ void sample_kernel(const Stores<S> st, const int64_t* __restrict__ added,
                               const int64_t* __restrict__ offsets, int64_t T, int64_t C, int64_t O, int64_t A,
                               int64_t B, uint64_t seed, uint64_t counter, float* __restrict__ obs,
                               float* __restrict__ next_obs, float* __restrict__ action, float* __restrict__ reward,
@@ -115,15 +133,17 @@ __global__ void sample_kernel(const S* __restrict__ obs_store, const S* __restri
   const int64_t size = fill_count(added[t], C);
   const bool ok = size > 0;
   const int64_t idx = ok ? draw_row(seed, counter, static_cast<uint64_t>(b), size) : 0;
-  const int64_t row = t * C + idx;
+  const S* obs_row = st.obs + st.obs_rows.at(t, idx);
+  const S* next_row = st.next_obs + st.next_rows.at(t, idx);
+  const float* action_row = st.action + st.action_rows.at(t, idx);
   for (int64_t k = lane; k < O; k += 32) {
-    obs[b * O + k] = ok ? static_cast<float>(obs_store[row * O + k]) : 0.f;
-    next_obs[b * O + k] = ok ? static_cast<float>(next_store[row * O + k]) : 0.f;
+    obs[b * O + k] = ok ? static_cast<float>(obs_row[k]) : 0.f;
+    next_obs[b * O + k] = ok ? static_cast<float>(next_row[k]) : 0.f;
   }
-  for (int64_t k = lane; k < A; k += 32) action[b * A + k] = ok ? act_store[row * A + k] : 0.f;
+  for (int64_t k = lane; k < A; k += 32) action[b * A + k] = ok ? action_row[k] : 0.f;
   if (lane == 0) {
-    reward[b] = ok ? rew_store[row] : 0.f;
-    not_done[b] = ok ? nd_store[row] : 0.f;
+    reward[b] = ok ? st.reward[st.reward_rows.at(t, idx)] : 0.f;
+    not_done[b] = ok ? st.not_done[st.not_done_rows.at(t, idx)] : 0.f;
     task_ids[b] = t;
     indices[b] = ok ? idx : -1;
   }
@@ -144,8 +164,8 @@ void replay_sample_cuda(const at::Tensor& obs_store, const at::Tensor& action_st
   const unsigned blocks = static_cast<unsigned>((B + kSampleWarps - 1) / kSampleWarps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, obs_store.scalar_type(), "replay_sample_cuda", [&] {
     sample_kernel<scalar_t><<<blocks, kSampleWarps * 32, 0, stream>>>(
-        obs_store.data_ptr<scalar_t>(), next_obs_store.data_ptr<scalar_t>(), action_store.data_ptr<float>(),
-        reward_store.data_ptr<float>(), not_done_store.data_ptr<float>(), added.data_ptr<int64_t>(),
+        stores_of<scalar_t>(obs_store, action_store, reward_store, next_obs_store, not_done_store),
+        added.data_ptr<int64_t>(),
         offsets.data_ptr<int64_t>(), s.num_tasks, s.capacity, s.obs_numel, s.action_numel, B,
         static_cast<uint64_t>(seed), static_cast<uint64_t>(counter), obs.data_ptr<float>(),
         next_obs.data_ptr<float>(), action.data_ptr<float>(), reward.data_ptr<float>(), not_done.data_ptr<float>(),
