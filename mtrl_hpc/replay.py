@@ -101,6 +101,7 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+_SAVE_BLOCK_ROWS = 16384  # save_hdf5 copies rows out in blocks of this many records (a few MB: they stay in cache)
 _HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14
 
@@ -404,6 +405,17 @@ class ReplayBuffer:
     def _disk_dtype(self):
         return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[self.obs_dtype]
 
+    def _field_pieces(self, runs) -> dict[str, list[np.ndarray]]:
+        """Each field's rows of ``runs`` as contiguous host arrays, in run order. Rows are taken block by block,
+        all five fields of a block at once, so that every record is read from memory once, not once per field."""
+        pieces = {name: [] for name in _FIELDS}
+        for t, start, count in runs:
+            for lo in range(start, start + count, _SAVE_BLOCK_ROWS):
+                hi = min(lo + _SAVE_BLOCK_ROWS, start + count)
+                for name in _FIELDS:
+                    pieces[name].append(self._rows_numpy(name, t, lo, hi))
+        return pieces
+
     def _rows_numpy(self, name: str, t: int, start: int, stop: int) -> np.ndarray:
         rows = getattr(self, name)[t, start:stop].detach()
         if rows.dtype == torch.bfloat16:
@@ -441,10 +453,11 @@ class ReplayBuffer:
                 digest.add(f"{prefix}/{name}", ds, [data])
         trailing = {"obs": self.obs_shape, "next_obs": self.obs_shape, "action": self.action_shape,
                     "reward": (), "not_done": ()}
+        field_pieces = self._field_pieces(runs)
         for name in _FIELDS:
             dtype = self._disk_dtype() if name in ("obs", "next_obs") else np.float32
             ds = group.create_dataset(name, shape=(n_rows, *trailing[name]), dtype=dtype)
-            pieces = [self._rows_numpy(name, t, start, start + count) for t, start, count in runs]
+            pieces = field_pieces[name]
             if digest is not None:  # hashed by the digest's worker threads while HDF5 writes the same bytes
                 digest.add(f"{prefix}/{name}", ds, pieces)
             off = 0

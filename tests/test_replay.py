@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtrl_hpc import _C, ops  # noqa: F401
+from mtrl_hpc import _C, ops, replay  # noqa: F401
 from mtrl_hpc.replay import Batch, ReplayBuffer
 
 M32 = 0xFFFFFFFF
@@ -421,7 +421,9 @@ def test_load_state_dict_rejects_wrong_layout():
 
 
 @pytest.mark.parametrize("obs_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_hdf5_round_trip_is_exact(tmp_path, obs_dtype):
+@pytest.mark.parametrize("block_rows", [3, 16384])  # rows copied out per block while saving: several, or one
+def test_hdf5_round_trip_is_exact(tmp_path, obs_dtype, block_rows, monkeypatch):
+    monkeypatch.setattr(replay, "_SAVE_BLOCK_ROWS", block_rows)
     a = filled(T=3, C=8, steps=11, obs_dtype=obs_dtype)
     a.sample(10)
     with h5py.File(tmp_path / "r.h5", "w") as f:
