@@ -17,7 +17,8 @@ The references keep one array per field, as mtrl and a plain implementation do; 
 the same rows.
 Times are the best of several repeats of a timed loop (on a shared node the minimum is the run least disturbed
 by other processes; --stat median reports medians instead). The loops of mtrl_hpc and of the references it is
-compared with take turns, so that drift of a shared machine hits both sides of a ratio alike. Single runs on a loaded machine vary by 2x or more.
+compared with take turns, so that drift of a shared machine hits both sides of a ratio alike. Single runs on a
+loaded machine vary by 2x or more.
 """
 
 from __future__ import annotations
