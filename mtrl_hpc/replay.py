@@ -108,9 +108,8 @@ _MADV_HUGEPAGE = 14
 
 def _advise_huge_pages(t: torch.Tensor) -> None:
     """Asks Linux for transparent huge pages under a large CPU tensor before its pages are touched, so that
-    random row reads over hundreds of MB miss the TLB less. How much that buys depends on the host: under a
-    hypervisor that backs guest memory with 4 KiB pages it was not measurable. Best effort: does nothing where
-    madvise or THP is unavailable."""
+    random row reads over hundreds of MB miss the TLB less (how much that buys depends on the host). Best effort:
+    does nothing where madvise or THP is unavailable."""
     if t.nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
         return
     try:

@@ -50,23 +50,15 @@ MTRL_HD inline int64_t task_of_row(const int64_t* offsets, int64_t num_tasks, in
   return lo;
 }
 
-// 64 random bits for batch row b of the sample call number `counter`: Philox4x32-10 keyed by the 64-bit seed,
-// counter = (b low, b high, counter low, counter high); the first two output words, low word first.
-MTRL_HD inline uint64_t draw_bits(uint64_t seed, uint64_t counter, uint64_t b) {
+// Row of a task drawn for batch row b of the sample call number `counter`. Philox4x32-10 keyed by the 64-bit
+// seed, counter = (b low, b high, counter low, counter high); the first two output words form 64 random
+// bits r, mapped to [0, size) by the multiply-high floor(r * size / 2^64). Requires size > 0.
+MTRL_HD inline int64_t draw_row(uint64_t seed, uint64_t counter, uint64_t b, int64_t size) {
   const Philox4 r = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32),
                                   static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return static_cast<uint64_t>(r.x[0]) | (static_cast<uint64_t>(r.x[1]) << 32);
-}
-
-// Maps 64 random bits to a row in [0, size) by the multiply-high floor(bits * size / 2^64). Requires size > 0.
-MTRL_HD inline int64_t row_of_bits(uint64_t bits, int64_t size) {
+  const uint64_t bits = static_cast<uint64_t>(r.x[0]) | (static_cast<uint64_t>(r.x[1]) << 32);
   return static_cast<int64_t>(mulhi64(bits, static_cast<uint64_t>(size)));
-}
-
-// Row of a task drawn for batch row b of the sample call number `counter`.
-MTRL_HD inline int64_t draw_row(uint64_t seed, uint64_t counter, uint64_t b, int64_t size) {
-  return row_of_bits(draw_bits(seed, counter, b), size);
 }
 
 }  // namespace replay
