@@ -8,17 +8,20 @@ same run:
   gather  bytes of the sampled fields per second vs a plain memcpy (np.copyto) of as many contiguous bytes;
   add     one env step (10 rows, one call) vs ten mtrl-style single-transition adds (np.copyto per field);
   memory  storage bytes per transition, float32 and float16 observations;
-  plain C++ (--plain-cpp) a plain C++ loop, compiled here with torch.utils.cpp_extension.load_inline, that
-          copies rows drawn by sample() (indices given: no RNG, no checks) on the same threads out of one
-          contiguous tensor per field: the gather written the obvious way in compiled code. There a drawn row
-          touches about ten cache lines in five arrays of hundreds of MB; in mtrl_hpc's record layout it
-          touches six adjacent lines. Both are bound by DRAM latency.
+  plain C++ (--plain-cpp) plain C++ loops, compiled here with torch.utils.cpp_extension.load_inline, that
+          copy rows drawn by sample() (indices given: no RNG, no checks) on the same threads: out of one
+          contiguous tensor per field (the gather written the obvious way in compiled code: a drawn row
+          touches about ten cache lines in five arrays of hundreds of MB), and out of mtrl_hpc's own records
+          (a drawn row is six adjacent lines, copied whole; the floor of a gather from that layout without
+          software prefetch). All are bound by memory.
 The references keep one array per field, as mtrl and a plain implementation do; they hold their own copy of
 the same rows.
 Times are the best of several repeats of a timed loop (on a shared node the minimum is the run least disturbed
 by other processes; --stat median reports medians instead). The loops of mtrl_hpc and of the references it is
-compared with take turns, so that drift of a shared machine hits both sides of a ratio alike. Single runs on a
-loaded machine vary by 2x or more.
+compared with take turns, so that drift of a shared machine hits both sides of a ratio alike, and each loop
+follows untimed warm-up calls (see timeit_together). Single runs on a loaded machine vary by 2x or more.
+Exits with status 1 when a target of the replay issue (sample >= 10x the mtrl-style buffer and >= 2x plain
+PyTorch, add >= 5x) is missed in this run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -39,14 +43,29 @@ T, OBS, ACT = 10, 39, 4
 STAT = min
 
 
+WARMUP_S = 0.02
+
+
+def warm_up(fn, seconds: float) -> None:
+    """Calls fn, untimed, for `seconds` (at least twice)."""
+    end = time.perf_counter() + seconds
+    fn()
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
 def timeit_together(fns, number: int, repeat: int = 9) -> list[float]:
     """Seconds per call of each function: STAT (min or median) over `repeat` timed loops of `number` calls.
-    The loops of the functions take turns, so that a slow spell of a shared machine hits each of them alike."""
-    for fn in fns:
-        fn()
+    The loops of the functions take turns, so that a slow spell of a shared machine hits each of them alike.
+    Each loop starts after WARMUP_S of untimed calls: a loop of random reads over hundreds of MB evicts the
+    cache lines and page-table entries of the next function's arrays, and refilling them cost sample() about
+    1.5 ms over its next 40 calls on the machine this was written on. Charged to a timed loop, that cost would
+    weigh on the shorter loop (mtrl_hpc's, 100 calls of ~50 us) ten times more than on the longer one."""
     runs = [[] for _ in fns]
     for _ in range(repeat):
         for fn, fn_runs in zip(fns, runs):
+            warm_up(fn, WARMUP_S)
             t = time.perf_counter()
             for _ in range(number):
                 fn()
@@ -141,28 +160,47 @@ void gather(const torch::Tensor& obs, const torch::Tensor& action, const torch::
     }
   });
 }
+// Copies record (task_ids[b], indices[b]) of records [T, C, W] to out[b]: the same rows from mtrl_hpc's layout.
+void gather_records(const torch::Tensor& records, const torch::Tensor& task_ids, const torch::Tensor& indices,
+                    torch::Tensor out) {
+  const int64_t C = records.size(1), W = records.size(2), B = indices.size(0);
+  const float* rs = records.data_ptr<float>();
+  const int64_t *t = task_ids.data_ptr<int64_t>(), *i = indices.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, 512, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(op + b * W, rs + (t[b] * C + i[b]) * W, W * sizeof(float));
+  });
+}
 """
 
 
-def plain_cpp_gather(rb: ReplayBuffer, fields: list[torch.Tensor], batch_size: int):
-    """A function that copies rows drawn by sample() out of per-field tensors with the plain loop of
-    PLAIN_CPP_SOURCE."""
+def plain_cpp_gathers(rb: ReplayBuffer, fields: list[torch.Tensor], batch_size: int):
+    """Two functions that copy rows drawn by sample() with the plain loops of PLAIN_CPP_SOURCE: out of
+    per-field tensors, and out of the buffer's records."""
     from torch.utils.cpp_extension import load_inline
 
-    mod = load_inline("mtrl_hpc_bench_plain_gather", cpp_sources=PLAIN_CPP_SOURCE, functions=["gather"],
-                      extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    mod = load_inline("mtrl_hpc_bench_plain_gather", cpp_sources=PLAIN_CPP_SOURCE,
+                      functions=["gather", "gather_records"], extra_cflags=["-O3", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"])
     counter = rb.sample_counter
     outs = [torch.empty_like(x) for x in rb.sample(batch_size)[:5]]
+    records = rb._records
+    out_records = torch.empty(batch_size, records.shape[-1])
     # Rows that sample() draws, precomputed: enough distinct draws (110 MB of rows) that cycling through them
     # does not find the rows in the 32 MB L3 cache again.
-    draws = itertools.cycle([tuple(x.clone() for x in rb.sample(batch_size)[5:]) for _ in range(256)])
+    draws = [tuple(x.clone() for x in rb.sample(batch_size)[5:]) for _ in range(256)]
     rb.sample_counter = counter
+    field_draws, record_draws = itertools.cycle(draws), itertools.cycle(draws)
 
-    def run():
-        t, i = next(draws)
+    def per_field():
+        t, i = next(field_draws)
         mod.gather(*fields, t, i, *outs)
 
-    return run
+    def from_records():
+        t, i = next(record_draws)
+        mod.gather_records(records, t, i, out_records)
+
+    return per_field, from_records
 
 
 def fill(rb: ReplayBuffer, mtrl: MtrlStyleBuffer | None, per_task: int, rng) -> None:
@@ -184,7 +222,7 @@ def fill(rb: ReplayBuffer, mtrl: MtrlStyleBuffer | None, per_task: int, rng) -> 
         mtrl.idx, mtrl.full = 0, True
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-task", type=int, default=100_000, help="rows per task (default 100,000)")
     parser.add_argument("--batch", type=int, default=1280)
@@ -239,7 +277,10 @@ def main() -> None:
 
     t_add, t_mtrl_add = timeit_together([lambda: rb.add(**step), mtrl_adds], number * 4)
 
-    t_plain_cpp = timeit(plain_cpp_gather(rb, fields, B), number) if args.plain_cpp else None
+    if args.plain_cpp:
+        per_field, from_records = plain_cpp_gathers(rb, fields, B)
+        t_ours_cpp, t_plain_cpp, t_plain_records = timeit_together([lambda: rb.sample(B), per_field, from_records],
+                                                                   number)
     del ref, fields
 
     rb16 = ReplayBuffer(T, C, (OBS,), (ACT,), seed=0, obs_dtype=torch.float16)
@@ -264,8 +305,12 @@ def main() -> None:
         ("sample(1280): plain PyTorch stratified, 1 thr", f"{t_ref1 * 1e6:9.1f} us", f"mtrl_hpc is {t_ref1 / t_ours:5.1f}x faster (target >= 2x)"),
         ("gather rate of sample", f"{gbps:6.2f} GB/s", f"{100 * gbps / copy_gbps:5.1f}% of a plain copy (target > 30%), "
                                                        f"{100 * gbps / cold_gbps:5.1f}% of a cold one"),
-        *([("gather of sampled rows: plain C++ loop", f"{t_plain_cpp * 1e6:9.1f} us",
-            f"mtrl_hpc sample() is {t_plain_cpp / t_ours:5.2f}x faster")] if t_plain_cpp else []),
+        *([("sample(1280): mtrl_hpc, next to the plain C++ loops", f"{t_ours_cpp * 1e6:9.1f} us", ""),
+           ("same rows: plain C++ loop, one array per field", f"{t_plain_cpp * 1e6:9.1f} us",
+            f"mtrl_hpc sample() is {t_plain_cpp / t_ours_cpp:5.2f}x faster"),
+           ("same rows: plain C++ loop over mtrl_hpc's records", f"{t_plain_records * 1e6:9.1f} us",
+            f"mtrl_hpc sample() takes {t_ours_cpp / t_plain_records:5.2f}x its time (RNG, checks, five outputs)")]
+          if args.plain_cpp else []),
         (f"plain copy of {out_bytes:,} B, in cache", f"{copy_gbps:6.2f} GB/s", ""),
         (f"plain copy of {out_bytes:,} B, from DRAM", f"{cold_gbps:6.2f} GB/s", ""),
         ("add one env step (10 rows, one call)", f"{t_add * 1e6:9.1f} us", ""),
@@ -278,7 +323,12 @@ def main() -> None:
     print("-" * (w + 60))
     for name, value, note in rows:
         print(f"{name:<{w}}  {value:>12}  {note}")
+    missed = [name for name, ok in (("sample >= 10x the mtrl-style buffer", t_mtrl / t_ours >= 10),
+                                    ("sample >= 2x plain PyTorch", min(t_ref, t_ref1) / t_ours >= 2),
+                                    ("add >= 5x ten mtrl-style adds", t_mtrl_add / t_add >= 5)) if not ok]
+    print(f"\ntargets: {'all met' if not missed else 'missed: ' + '; '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

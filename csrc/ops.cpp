@@ -16,7 +16,9 @@ TORCH_LIBRARY(mtrl_hpc, m) {
       "Tensor not_done_store, Tensor added, Tensor offsets, int seed, int counter, Tensor(a!) obs, "
       "Tensor(b!) action, Tensor(c!) reward, Tensor(d!) next_obs, Tensor(e!) not_done, Tensor(f!) task_ids, "
       "Tensor(g!) indices) -> ()");
+  // For tests: raw Philox4x32-10 words, and the random bits sample() draws per batch row (CPU only).
   m.def("replay_philox(Tensor counters, int seed) -> Tensor");
+  m.def("replay_row_bits(int seed, int counter, int first_row, int num_rows, bool vectorized) -> Tensor");
   // ---- fused SAC losses (csrc/losses) ----
   // Per-task SAC losses over a batch of rows tagged with task ids; each returns the loss vector [num_tasks].
   // Rows are [B] or [B, 1]; log_alpha is [num_tasks] or [1] (shared); task_weights (optional) is [num_tasks].

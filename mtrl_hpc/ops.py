@@ -38,6 +38,11 @@ def _replay_philox_fake(counters, seed):
     return torch.empty_like(counters)
 
 
+@torch.library.register_fake("mtrl_hpc::replay_row_bits")
+def _replay_row_bits_fake(seed, counter, first_row, num_rows, vectorized):
+    return torch.empty(num_rows, dtype=torch.int64)
+
+
 # ---- fused SAC losses: fake kernels and autograd (csrc/losses) ----
 # Autograd of these ops is registered in C++ (csrc/losses/losses_autograd.cpp, Autograd dispatch key): one
 # kernel call each way, no Python on the backward path. The fake kernels below give output metadata only

@@ -27,10 +27,10 @@ ascending task order (task 0's rows first). Rules, in order:
   ``floor(B * w_t / W)`` rows (``W`` = total eligible weight) and the remaining rows go to the largest
   fractional parts, ties to the lower task id.
 * **Rows within a task** are uniform over the task's filled rows ``[0, fill count)`` (after wrap-around
-  every row is filled). Batch row b of sample call number c draws ``Philox4x32-10(key = seed,
-  counter = (b low, b high, c low, c high))``; the first two output words form 64 bits ``r`` and the row is
-  ``floor(r * fill_count / 2**64)``. CPU and CUDA compute the same indices; ``sample_counter`` is part of the
-  state.
+  every row is filled). Batch rows 2p and 2p + 1 of sample call number c share one
+  ``Philox4x32-10(key = seed, counter = (p low, p high, c low, c high))``: row 2p takes output words 0 and 1,
+  row 2p + 1 words 2 and 3, as 64 bits ``r`` (first word low), and the row is ``floor(r * fill_count / 2**64)``.
+  CPU and CUDA compute the same indices; ``sample_counter`` is part of the state.
 
 The returned tensors are float32 (task_ids, indices int64; ``indices`` are rows within the task's storage)
 and are **reused by the next call of the same batch size**: clone what must outlive it. On CUDA, ``sample``
@@ -38,10 +38,11 @@ does not synchronise with the host. ``add`` reads task ids on the host (task ids
 one sync).
 
 Performance notes: a sampled transition is one record of a few adjacent cache lines (336 bytes for MT10
-shapes), not rows of five arrays of hundreds of MB; ``sample`` is bound by DRAM latency, so the lines a row
-touches set its speed. On the CPU, storage is allocated with transparent huge pages where Linux allows it.
-``sample`` splits the batch over torch's intra-op threads (chunks of at least 512 rows) and prefetches rows a
-few ahead. ``add`` costs one kernel call for the whole env step. Both call the ops through the direct entries of
+shapes), not rows of five arrays of hundreds of MB; ``sample`` on a large buffer is bound by how many cache
+lines per second the memory system delivers, so the lines a row touches set its speed. On the CPU, storage is
+allocated with transparent huge pages where Linux allows it. ``sample`` splits the batch over torch's intra-op
+threads (chunks of at least 512 rows), prefetches rows a few ahead, and computes the Philox draws of eight
+rows at once (four Philox calls in AVX2 lanes where the CPU has AVX2). ``add`` costs one kernel call for the whole env step. Both call the ops through the direct entries of
 ``mtrl_hpc._C`` (csrc/bindings.cpp), which skip torch.ops' per-call argument parsing.
 
 State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;

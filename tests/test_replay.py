@@ -5,6 +5,9 @@ known-answer vectors), and every batch of the compiled buffer must match it exac
 """
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -30,8 +33,11 @@ def philox4x32_10(ctr, key):
 
 
 def ref_row(seed, counter, b, size):
-    x = philox4x32_10((b & M32, b >> 32, counter & M32, (counter >> 32) & M32), (seed & M32, (seed >> 32) & M32))
-    return ((x[0] | (x[1] << 32)) * size) >> 64
+    """Rows 2p and 2p + 1 share Philox counter (p, counter): the even row takes words 0-1, the odd row 2-3."""
+    p = b // 2
+    x = philox4x32_10((p & M32, p >> 32, counter & M32, (counter >> 32) & M32), (seed & M32, (seed >> 32) & M32))
+    lo, hi = (x[0], x[1]) if b % 2 == 0 else (x[2], x[3])
+    return ((lo | (hi << 32)) * size) >> 64
 
 
 def ref_counts(added_host, capacity, batch_size, counter, weights=None):
@@ -128,6 +134,30 @@ def test_philox_compiled_matches_python_on_random_inputs():
         seed = key[0] | (key[1] << 32)
         got = torch.ops.mtrl_hpc.replay_philox(torch.from_numpy(ctrs), seed).tolist()
         assert [tuple(r) for r in got] == [philox4x32_10(tuple(int(v) for v in c), key) for c in ctrs]
+
+
+def ref_row_bits(seed, counter, b):
+    """The 64 random bits of batch row b (ref_row before the multiply-high)."""
+    p = b // 2
+    x = philox4x32_10((p & M32, p >> 32, counter & M32, (counter >> 32) & M32), (seed & M32, (seed >> 32) & M32))
+    return (x[0] | (x[1] << 32)) if b % 2 == 0 else (x[2] | (x[3] << 32))
+
+
+def _signed(v):
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2-where-available", "portable"])
+@pytest.mark.parametrize("seed,counter,first_row", [
+    (0, 0, 0),
+    (12345, 7, 3),  # starts inside a group of eight rows
+    ((1 << 64) - 1, (1 << 64) - 1, 5),
+    (0xDEADBEEF, 1 << 40, 2 * (M32 - 1)),  # pairs M32 - 1 .. M32 + 2: the pair index carries into its high word
+])
+def test_row_bits_both_cpu_paths_match_python(seed, counter, first_row, vectorized):
+    n = 21
+    got = torch.ops.mtrl_hpc.replay_row_bits(_signed(seed), _signed(counter), first_row, n, vectorized).tolist()
+    assert got == [_signed(ref_row_bits(seed, counter, b)) for b in range(first_row, first_row + n)]
 
 
 # ----------------------------------------------------------------------------- add
@@ -620,3 +650,16 @@ def test_float16_rows_convert_exactly_for_every_bit_pattern():
     assert torch.equal(b.obs, rb.obs[0, b.indices].float())
     assert torch.equal(b.obs.view(torch.int32), rb.obs[0, b.indices].float().view(torch.int32))  # and -0.0
     assert set(b.indices.tolist()) == set(range(256))
+
+
+def test_replay_benchmark_runs_and_reports_its_targets():
+    """benchmarks/bench_replay.py on a small buffer: it runs, prints every row, and its exit status says whether
+    the targets were met (speed itself is not asserted here)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_replay.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--per-task", "2000"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr
+    for row in ("sample(1280): mtrl_hpc ReplayBuffer", "mtrl-style numpy buffer", "plain PyTorch stratified",
+                "gather rate of sample", "add one env step", "memory per transition, float16 obs"):
+        assert row in proc.stdout
+    assert ("targets: all met" in proc.stdout) == (proc.returncode == 0)

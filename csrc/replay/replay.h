@@ -50,15 +50,29 @@ MTRL_HD inline int64_t task_of_row(const int64_t* offsets, int64_t num_tasks, in
   return lo;
 }
 
-// Row of a task drawn for batch row b of the sample call number `counter`. Philox4x32-10 keyed by the 64-bit
-// seed, counter = (b low, b high, counter low, counter high); the first two output words form 64 random
-// bits r, mapped to [0, size) by the multiply-high floor(r * size / 2^64). Requires size > 0.
-MTRL_HD inline int64_t draw_row(uint64_t seed, uint64_t counter, uint64_t b, int64_t size) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32),
-                                  static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
-                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const uint64_t bits = static_cast<uint64_t>(r.x[0]) | (static_cast<uint64_t>(r.x[1]) << 32);
+// Random draws. Batch rows pair up: rows 2p and 2p + 1 of the sample call number `counter` share one call of
+// Philox4x32-10 keyed by the 64-bit seed, counter = (p low, p high, counter low, counter high). Row 2p takes
+// output words 0 and 1, row 2p + 1 words 2 and 3, as 64 random bits r (first word low), mapped to [0, size) by
+// the multiply-high floor(r * size / 2^64). One Philox call serves two rows: it is the largest cost of a draw.
+MTRL_HD inline Philox4 draw_pair(uint64_t seed, uint64_t counter, uint64_t pair) {
+  return philox4x32_10(static_cast<uint32_t>(pair), static_cast<uint32_t>(pair >> 32), static_cast<uint32_t>(counter),
+                       static_cast<uint32_t>(counter >> 32), static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32));
+}
+
+// The 64 random bits of the row of a pair whose index is even (odd = 0) or odd (odd = 1).
+MTRL_HD inline uint64_t pair_bits(const Philox4& words, int odd) {
+  return static_cast<uint64_t>(words.x[2 * odd]) | (static_cast<uint64_t>(words.x[2 * odd + 1]) << 32);
+}
+
+// Row in [0, size) for 64 random bits. Requires size > 0.
+MTRL_HD inline int64_t row_of_bits(uint64_t bits, int64_t size) {
   return static_cast<int64_t>(mulhi64(bits, static_cast<uint64_t>(size)));
+}
+
+// Row of a task drawn for batch row b of the sample call number `counter`. Requires size > 0.
+MTRL_HD inline int64_t draw_row(uint64_t seed, uint64_t counter, uint64_t b, int64_t size) {
+  return row_of_bits(pair_bits(draw_pair(seed, counter, b >> 1), static_cast<int>(b & 1)), size);
 }
 
 }  // namespace replay

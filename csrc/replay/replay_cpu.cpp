@@ -14,6 +14,7 @@
 #endif
 #include <type_traits>
 
+#include "replay/draws_cpu.h"
 #include "replay/replay.h"
 #include "replay/replay_checks.h"
 
@@ -186,9 +187,9 @@ inline void load_obs_row(float* dst, const S* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Draws and copies batch rows [b0, b1). Row b + kAhead is drawn (Philox, then the walk along the offsets to
-// its task) and prefetched while row b is copied: random rows of a large buffer come from DRAM, so several
-// rows' cache misses overlap, and the RNG arithmetic runs while the core waits for them.
+// Draws and copies batch rows [b0, b1). Row b + kAhead is drawn (its random bits come eight rows at a time,
+// draws_cpu.h; then the walk along the offsets to its task) and prefetched while row b is copied: random rows of a large buffer come from
+// DRAM, so several rows' cache misses overlap, and the RNG arithmetic runs while the core waits for them.
 template <typename S>
 void sample_rows(uint64_t seed, uint64_t counter, const int64_t* off, const int64_t* cnt, int64_t T, int64_t C,
                  const FieldRows (&f)[5], const PrefetchPlan& plan, int64_t b0, int64_t b1, int64_t O, int64_t A,
@@ -196,10 +197,16 @@ void sample_rows(uint64_t seed, uint64_t counter, const int64_t* off, const int6
   constexpr int64_t kAhead = 8;
   int64_t t = task_of_row(off, T, b0);  // task of the next row to draw
   int64_t drawn = b0;
+  uint64_t bits[kGroupRows];  // random bits of the group of rows that holds row `drawn`
+  int64_t group = -1;
   auto draw_next = [&] {
     while (off[t + 1] <= drawn) ++t;
+    if (drawn / kGroupRows != group) {
+      group = drawn / kGroupRows;
+      group_bits(seed, counter, static_cast<uint64_t>(group), bits);
+    }
     tid[drawn] = t;
-    ind[drawn] = draw_row(seed, counter, static_cast<uint64_t>(drawn), fill_count(cnt[t], C));
+    ind[drawn] = row_of_bits(bits[drawn % kGroupRows], fill_count(cnt[t], C));
     plan.prefetch(t, ind[drawn]);
     ++drawn;
   };
@@ -207,10 +214,11 @@ void sample_rows(uint64_t seed, uint64_t counter, const int64_t* off, const int6
   for (int64_t b = b0; b < b1; ++b) {
     if (drawn < b1) draw_next();
     const int64_t tb = tid[b], i = ind[b];
+    // In the order of ReplayBuffer's record (obs, next_obs, action, reward, not_done): its lines arrive in order.
     load_obs_row(oo + b * O, reinterpret_cast<const S*>(f[0].row(tb, i)), O);
+    load_obs_row(no + b * O, reinterpret_cast<const S*>(f[3].row(tb, i)), O);
     std::memcpy(ao + b * A, f[1].row(tb, i), A * sizeof(float));
     ro[b] = *reinterpret_cast<const float*>(f[2].row(tb, i));
-    load_obs_row(no + b * O, reinterpret_cast<const S*>(f[3].row(tb, i)), O);
     dout[b] = *reinterpret_cast<const float*>(f[4].row(tb, i));
   }
 }
@@ -277,6 +285,24 @@ at::Tensor replay_philox_cpu(const at::Tensor& counters, int64_t seed) {
   return out;
 }
 
+// The 64 random bits sample() draws for batch rows [first_row, first_row + num_rows) of sample call `counter`,
+// as int64 (same bits), for testing: vectorized = false forces the portable path of draws_cpu.h.
+at::Tensor replay_row_bits_cpu(int64_t seed, int64_t counter, int64_t first_row, int64_t num_rows, bool vectorized) {
+  TORCH_CHECK(first_row >= 0 && num_rows >= 0, "replay_row_bits(): first_row and num_rows must be >= 0, got ",
+              first_row, " and ", num_rows);
+  at::Tensor out = at::empty({num_rows}, at::kLong);
+  int64_t* op = out.data_ptr<int64_t>();
+  uint64_t bits[kGroupRows];
+  for (int64_t r = first_row; r < first_row + num_rows; ++r) {
+    if (r == first_row || r % kGroupRows == 0) {
+      group_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(counter), static_cast<uint64_t>(r / kGroupRows),
+                 bits, vectorized);
+    }
+    op[r - first_row] = static_cast<int64_t>(bits[r % kGroupRows]);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace replay
 }  // namespace mtrl_hpc
@@ -285,4 +311,9 @@ TORCH_LIBRARY_IMPL(mtrl_hpc, CPU, m) {
   m.impl("replay_add", &mtrl_hpc::replay::replay_add_cpu);
   m.impl("replay_sample", &mtrl_hpc::replay::replay_sample_cpu);
   m.impl("replay_philox", &mtrl_hpc::replay::replay_philox_cpu);
+}
+
+// replay_row_bits takes no tensor to dispatch on, so its one (host) kernel serves every key.
+TORCH_LIBRARY_IMPL(mtrl_hpc, CompositeExplicitAutograd, m) {
+  m.impl("replay_row_bits", &mtrl_hpc::replay::replay_row_bits_cpu);
 }

@@ -1,0 +1,19 @@
+// The random bits of sample() on the CPU, eight batch rows (four Philox pairs) at a time. Same rule as
+// draw_row (replay.h), which the CUDA kernel runs. Where the CPU has AVX2 the four Philox4x32-10 calls run in
+// the 64-bit lanes of one register set, a quarter of the instructions of four scalar calls: with the gather
+// of a large buffer bound by memory, the scalar draws were the largest cost left inside sample().
+#pragma once
+
+#include <cstdint>
+
+namespace mtrl_hpc {
+namespace replay {
+
+constexpr int64_t kGroupRows = 8;
+
+// bits[r] = the 64 random bits of batch row kGroupRows * group + r of the sample call number `counter`.
+// vectorized = false forces the portable scalar path (tests compare both); true uses AVX2 when the CPU has it.
+void group_bits(uint64_t seed, uint64_t counter, uint64_t group, uint64_t* bits, bool vectorized = true);
+
+}  // namespace replay
+}  // namespace mtrl_hpc
