@@ -42,8 +42,9 @@ shapes), not rows of five arrays of hundreds of MB; ``sample`` on a large buffer
 lines per second the memory system delivers, so the lines a row touches set its speed. On the CPU, storage is
 allocated with transparent huge pages where Linux allows it. ``sample`` splits the batch over torch's intra-op
 threads (chunks of at least 512 rows), prefetches rows a few ahead, and computes the Philox draws of eight
-rows at once (four Philox calls in AVX2 lanes where the CPU has AVX2). ``add`` costs one kernel call for the whole env step. Both call the ops through the direct entries of
-``mtrl_hpc._C`` (csrc/bindings.cpp), which skip torch.ops' per-call argument parsing.
+rows at once (four Philox calls in AVX2 lanes where the CPU has AVX2). ``add`` costs one kernel call for the
+whole env step. Both call the ops through the direct entries of ``mtrl_hpc._C`` (csrc/bindings.cpp), which
+skip torch.ops' per-call argument parsing.
 
 State: ``state_dict()`` (the storage tensors themselves, not copies, plus counters) / ``load_state_dict``;
 ``save_hdf5(group, since=None)`` / ``load_hdf5(group)`` with open h5py groups: a full save holds every filled

@@ -47,7 +47,8 @@ __attribute__((target("avx2"))) void group_bits_avx2(uint64_t seed, uint64_t cou
   }
   const __m256i even = _mm256_or_si256(_mm256_and_si256(c0, low), _mm256_slli_epi64(c1, 32));  // rows 2j
   const __m256i odd = _mm256_or_si256(_mm256_and_si256(c2, low), _mm256_slli_epi64(c3, 32));   // rows 2j + 1
-  const __m256i a = _mm256_unpacklo_epi64(even, odd), b = _mm256_unpackhi_epi64(even, odd);  // e0 o0 e2 o2, e1 o1 e3 o3
+  // Interleave to row order: a = (e0, o0, e2, o2), b = (e1, o1, e3, o3) -> (e0, o0, e1, o1), (e2, o2, e3, o3).
+  const __m256i a = _mm256_unpacklo_epi64(even, odd), b = _mm256_unpackhi_epi64(even, odd);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits), _mm256_permute2x128_si256(a, b, 0x20));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + 4), _mm256_permute2x128_si256(a, b, 0x31));
 }

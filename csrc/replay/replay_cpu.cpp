@@ -187,9 +187,10 @@ inline void load_obs_row(float* dst, const S* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Draws and copies batch rows [b0, b1). Row b + kAhead is drawn (its random bits come eight rows at a time,
-// draws_cpu.h; then the walk along the offsets to its task) and prefetched while row b is copied: random rows of a large buffer come from
-// DRAM, so several rows' cache misses overlap, and the RNG arithmetic runs while the core waits for them.
+// Draws and copies batch rows [b0, b1). Row b + kAhead is drawn (random bits eight rows at a time from
+// draws_cpu.h, then the walk along the offsets to its task) and prefetched while row b is copied: random rows
+// of a large buffer come from DRAM, so several rows' cache misses overlap, and the draws run while the core
+// waits for them.
 template <typename S>
 void sample_rows(uint64_t seed, uint64_t counter, const int64_t* off, const int64_t* cnt, int64_t T, int64_t C,
                  const FieldRows (&f)[5], const PrefetchPlan& plan, int64_t b0, int64_t b1, int64_t O, int64_t A,
@@ -288,7 +289,8 @@ at::Tensor replay_philox_cpu(const at::Tensor& counters, int64_t seed) {
 // The 64 random bits sample() draws for batch rows [first_row, first_row + num_rows) of sample call `counter`,
 // as int64 (same bits), for testing: vectorized = false forces the portable path of draws_cpu.h.
 at::Tensor replay_row_bits_cpu(int64_t seed, int64_t counter, int64_t first_row, int64_t num_rows, bool vectorized) {
-  TORCH_CHECK(first_row >= 0 && num_rows >= 0, "replay_row_bits(): first_row and num_rows must be >= 0, got ",
+  TORCH_CHECK(first_row >= 0 && num_rows >= 0 && num_rows <= INT64_MAX - first_row,
+              "replay_row_bits(): first_row and num_rows must be >= 0 with first_row + num_rows < 2^63, got ",
               first_row, " and ", num_rows);
   at::Tensor out = at::empty({num_rows}, at::kLong);
   int64_t* op = out.data_ptr<int64_t>();
