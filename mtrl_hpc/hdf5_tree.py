@@ -18,6 +18,7 @@ memory as it writes them (in a background thread), so writing does not read the 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import os
@@ -109,6 +110,7 @@ def _string_bytes(arr: np.ndarray) -> bytes:
 
 
 BLOCK_BYTES = 8 << 20  # an object's bytes are hashed in blocks of this size, in parallel
+_MAX_PENDING_BLOCKS = 8  # streams of a Digest wait when this many of their blocks are still being hashed
 
 
 class Digest:
@@ -132,6 +134,7 @@ class Digest:
     def __init__(self, skip_attrs=()):
         self.skip_attrs = tuple(skip_attrs)
         self._objects: dict[str, tuple[bytes, list, int]] = {}
+        self._pending: collections.deque = collections.deque()  # blocks of streams still being hashed
 
     def add(self, path: str, obj, chunks=None, known=None):
         """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays);
@@ -147,6 +150,12 @@ class Digest:
             digests = [_hash_pieces(pieces) for pieces in blocks]
         self._objects[path] = (header, digests, total)
 
+    def stream(self, path: str, obj, known=None) -> DigestStream:
+        """Records ``obj`` (a dataset) at ``path`` from bytes given piece by piece, in C order, to the returned
+        stream's ``update``; its ``close`` completes the record. Same digest as ``add`` with all pieces at once,
+        without holding all of them: full blocks go to the worker threads as soon as they are complete."""
+        return DigestStream(self, path, _object_header(path, obj, self.skip_attrs, known))
+
     def hexdigest(self) -> str:
         total = hashlib.sha256()
         for path in sorted(self._objects):
@@ -157,6 +166,47 @@ class Digest:
             h.update(nbytes.to_bytes(8, "little"))
             total.update(path.encode("utf-8") + b"\0" + h.digest())
         return total.hexdigest()
+
+
+class DigestStream:
+    """An object's bytes fed piece by piece (``Digest.stream``). At most _MAX_PENDING_BLOCKS blocks of a
+    digest's streams wait for the workers at any time, so the pieces they hold stay bounded in memory however
+    large the objects."""
+
+    def __init__(self, digest: Digest, path: str, header: bytes):
+        self._digest, self._path, self._header = digest, path, header
+        self._digests: list = []
+        self._current: list[memoryview] = []
+        self._filled = 0
+        self._total = 0
+
+    def update(self, piece) -> None:
+        mv = _as_bytes_view(piece)
+        self._total += len(mv)
+        while len(mv):
+            take = min(BLOCK_BYTES - self._filled, len(mv))
+            self._current.append(mv[:take])
+            self._filled += take
+            mv = mv[take:]
+            if self._filled == BLOCK_BYTES:
+                self._submit(self._current)
+                self._current, self._filled = [], 0
+
+    def _submit(self, pieces) -> None:
+        pending = self._digest._pending  # shared by the digest's streams
+        while pending and pending[0].done():
+            pending.popleft()
+        if len(pending) >= _MAX_PENDING_BLOCKS:
+            pending.popleft().result()  # wait for the oldest block: bounds the bytes held for hashing
+        future = self._digest._executor().submit(_hash_pieces, pieces)
+        pending.append(future)
+        self._digests.append(future)
+
+    def close(self) -> None:
+        if self._current:  # the last, partial block (as in Digest.add: none when the bytes end on a block edge)
+            self._digests.append(_hash_pieces(self._current))
+        self._current = []
+        self._digest._objects[self._path] = (self._header, self._digests, self._total)
 
 
 def _as_bytes_view(c) -> memoryview:

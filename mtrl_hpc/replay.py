@@ -406,17 +406,6 @@ class ReplayBuffer:
     def _disk_dtype(self):
         return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[self.obs_dtype]
 
-    def _field_pieces(self, runs) -> dict[str, list[np.ndarray]]:
-        """Each field's rows of ``runs`` as contiguous host arrays, in run order. Rows are taken block by block,
-        all five fields of a block at once, so that every record is read from memory once, not once per field."""
-        pieces = {name: [] for name in _FIELDS}
-        for t, start, count in runs:
-            for lo in range(start, start + count, _SAVE_BLOCK_ROWS):
-                hi = min(lo + _SAVE_BLOCK_ROWS, start + count)
-                for name in _FIELDS:
-                    pieces[name].append(self._rows_numpy(name, t, lo, hi))
-        return pieces
-
     def _rows_numpy(self, name: str, t: int, start: int, stop: int) -> np.ndarray:
         rows = getattr(self, name)[t, start:stop].detach()
         if rows.dtype == torch.bfloat16:
@@ -454,17 +443,26 @@ class ReplayBuffer:
                 digest.add(f"{prefix}/{name}", ds, [data])
         trailing = {"obs": self.obs_shape, "next_obs": self.obs_shape, "action": self.action_shape,
                     "reward": (), "not_done": ()}
-        field_pieces = self._field_pieces(runs)
+        datasets, streams = {}, {}
         for name in _FIELDS:
             dtype = self._disk_dtype() if name in ("obs", "next_obs") else np.float32
-            ds = group.create_dataset(name, shape=(n_rows, *trailing[name]), dtype=dtype)
-            pieces = field_pieces[name]
+            datasets[name] = group.create_dataset(name, shape=(n_rows, *trailing[name]), dtype=dtype)
             if digest is not None:  # hashed by the digest's worker threads while HDF5 writes the same bytes
-                digest.add(f"{prefix}/{name}", ds, pieces)
-            off = 0
-            for rows in pieces:
-                ds[off:off + len(rows)] = rows
-                off += len(rows)
+                streams[name] = digest.stream(f"{prefix}/{name}", datasets[name])
+        # Block by block, all five fields of a block at once: every record is read from memory once, and the
+        # host holds one block of rows (a few MB), not a copy of the buffer.
+        off = 0
+        for t, start, count in runs:
+            for lo in range(start, start + count, _SAVE_BLOCK_ROWS):
+                hi = min(lo + _SAVE_BLOCK_ROWS, start + count)
+                for name in _FIELDS:
+                    rows = self._rows_numpy(name, t, lo, hi)
+                    datasets[name][off:off + hi - lo] = rows
+                    if name in streams:
+                        streams[name].update(rows)
+                off += hi - lo
+        for stream in streams.values():
+            stream.close()
         return n_rows
 
     def load_hdf5(self, group) -> None:
