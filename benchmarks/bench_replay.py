@@ -41,9 +41,7 @@ T, OBS, ACT = 10, 39, 4
 
 
 STAT = min
-
-
-WARMUP_S = 0.02
+WARMUP_S = 0.02  # untimed calls before each timed loop (see timeit_together)
 
 
 def warm_up(fn, seconds: float) -> None:

@@ -110,7 +110,8 @@ def _string_bytes(arr: np.ndarray) -> bytes:
 
 
 BLOCK_BYTES = 8 << 20  # an object's bytes are hashed in blocks of this size, in parallel
-_MAX_PENDING_BLOCKS = 8  # streams of a Digest wait when this many of their blocks are still being hashed
+SMALL_BYTES = 1 << 20  # objects up to this size are hashed on the calling thread
+_MAX_PENDING_BLOCKS = 8  # bounded streams of a Digest wait when this many of their blocks are still being hashed
 
 
 class Digest:
@@ -138,23 +139,21 @@ class Digest:
 
     def add(self, path: str, obj, chunks=None, known=None):
         """Records ``obj`` (group or dataset) at ``path``; ``chunks`` are its bytes in C order (arrays);
-        ``known``: (attrs, dtype or None, shape or None) as just written."""
-        header = _object_header(path, obj, self.skip_attrs, known)
+        ``known``: (attrs, dtype or None, shape or None) as just written. The chunks are in memory already, so
+        their blocks all go to the worker threads at once."""
+        stream = DigestStream(self, path, _object_header(path, obj, self.skip_attrs, known), bounded=False)
         if obj is not None and isinstance(obj, h5py.Dataset) and chunks is None:
             chunks = [_read_dataset_bytes(obj)]
-        blocks, total = _blocks(chunks or [])
-        if total > (1 << 20):
-            pool = self._executor()
-            digests = [pool.submit(_hash_pieces, pieces) for pieces in blocks]
-        else:
-            digests = [_hash_pieces(pieces) for pieces in blocks]
-        self._objects[path] = (header, digests, total)
+        for chunk in chunks or []:
+            stream.update(chunk)
+        stream.close()
 
     def stream(self, path: str, obj, known=None) -> DigestStream:
         """Records ``obj`` (a dataset) at ``path`` from bytes given piece by piece, in C order, to the returned
         stream's ``update``; its ``close`` completes the record. Same digest as ``add`` with all pieces at once,
-        without holding all of them: full blocks go to the worker threads as soon as they are complete."""
-        return DigestStream(self, path, _object_header(path, obj, self.skip_attrs, known))
+        but at most _MAX_PENDING_BLOCKS blocks of the digest's streams wait for the workers at any time, so the
+        pieces held stay bounded in memory however large the object."""
+        return DigestStream(self, path, _object_header(path, obj, self.skip_attrs, known), bounded=True)
 
     def hexdigest(self) -> str:
         total = hashlib.sha256()
@@ -169,12 +168,11 @@ class Digest:
 
 
 class DigestStream:
-    """An object's bytes fed piece by piece (``Digest.stream``). At most _MAX_PENDING_BLOCKS blocks of a
-    digest's streams wait for the workers at any time, so the pieces they hold stay bounded in memory however
-    large the objects."""
+    """An object's bytes, fed piece by piece: cut into BLOCK_BYTES blocks, each hashed by a worker thread as
+    soon as it is complete (objects of at most SMALL_BYTES are hashed on the calling thread)."""
 
-    def __init__(self, digest: Digest, path: str, header: bytes):
-        self._digest, self._path, self._header = digest, path, header
+    def __init__(self, digest: Digest, path: str, header: bytes, bounded: bool):
+        self._digest, self._path, self._header, self._bounded = digest, path, header, bounded
         self._digests: list = []
         self._current: list[memoryview] = []
         self._filled = 0
@@ -193,18 +191,23 @@ class DigestStream:
                 self._current, self._filled = [], 0
 
     def _submit(self, pieces) -> None:
-        pending = self._digest._pending  # shared by the digest's streams
-        while pending and pending[0].done():
-            pending.popleft()
-        if len(pending) >= _MAX_PENDING_BLOCKS:
-            pending.popleft().result()  # wait for the oldest block: bounds the bytes held for hashing
+        pending = self._digest._pending  # shared by the digest's bounded streams
+        if self._bounded:
+            while pending and pending[0].done():
+                pending.popleft()
+            if len(pending) >= _MAX_PENDING_BLOCKS:
+                pending.popleft().result()  # wait for the oldest block: bounds the bytes held for hashing
         future = self._digest._executor().submit(_hash_pieces, pieces)
-        pending.append(future)
+        if self._bounded:
+            pending.append(future)
         self._digests.append(future)
 
     def close(self) -> None:
-        if self._current:  # the last, partial block (as in Digest.add: none when the bytes end on a block edge)
-            self._digests.append(_hash_pieces(self._current))
+        if self._current:  # the last, partial block (none when the bytes end on a block edge)
+            if self._total > SMALL_BYTES:
+                self._submit(self._current)
+            else:
+                self._digests.append(_hash_pieces(self._current))
         self._current = []
         self._digest._objects[self._path] = (self._header, self._digests, self._total)
 
@@ -214,25 +217,6 @@ def _as_bytes_view(c) -> memoryview:
         return memoryview(c)
     arr = np.ascontiguousarray(c)
     return memoryview(arr.reshape(-1).view(np.uint8))
-
-
-def _blocks(chunks) -> tuple[list[list[memoryview]], int]:
-    """The concatenated bytes of ``chunks`` cut into BLOCK_BYTES blocks (lists of pieces); total byte count."""
-    blocks, current, filled, total = [], [], 0, 0
-    for c in chunks:
-        mv = _as_bytes_view(c)
-        total += len(mv)
-        while len(mv):
-            take = min(BLOCK_BYTES - filled, len(mv))
-            current.append(mv[:take])
-            filled += take
-            mv = mv[take:]
-            if filled == BLOCK_BYTES:
-                blocks.append(current)
-                current, filled = [], 0
-    if current:
-        blocks.append(current)
-    return blocks, total
 
 
 def _hash_pieces(pieces) -> bytes:

@@ -75,14 +75,16 @@ def test_any_tree_round_trips_and_checksum_matches(tree):
 
 
 @settings(max_examples=30, deadline=None, database=None)
-@given(st.lists(st.integers(0, 40), max_size=6), st.sampled_from([8, 16, 64]))
-def test_streamed_digest_equals_digest_of_the_file(piece_rows, block_bytes):
+@given(st.lists(st.integers(0, 40), max_size=6), st.sampled_from([8, 16, 64]), st.sampled_from([16, 1 << 20]))
+def test_streamed_digest_equals_digest_of_the_file(piece_rows, block_bytes, small_bytes):
     """A dataset hashed piece by piece while it is written (Digest.stream, what the replay buffer's save uses)
-    gets the digest recomputed from the file, wherever the pieces and the hash blocks cut the bytes."""
+    gets the digest recomputed from the file, wherever the pieces and the hash blocks cut the bytes, and
+    whether its last block is hashed by a worker or on the calling thread."""
     from mtrl_hpc import hdf5_tree
 
-    old = hdf5_tree.BLOCK_BYTES
+    old = hdf5_tree.BLOCK_BYTES, hdf5_tree.SMALL_BYTES
     hdf5_tree.BLOCK_BYTES = block_bytes  # a few rows per block, so pieces straddle blocks (or end on an edge)
+    hdf5_tree.SMALL_BYTES = small_bytes
     try:
         rng = np.random.default_rng(sum(piece_rows))
         rows = rng.standard_normal((sum(piece_rows), 2)).astype(np.float32)  # 8 bytes per row
@@ -99,4 +101,4 @@ def test_streamed_digest_equals_digest_of_the_file(piece_rows, block_bytes):
             digest.add("/", f, [])
             assert digest.hexdigest() == tree_digest(f)
     finally:
-        hdf5_tree.BLOCK_BYTES = old
+        hdf5_tree.BLOCK_BYTES, hdf5_tree.SMALL_BYTES = old
