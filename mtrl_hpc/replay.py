@@ -50,6 +50,8 @@ State: ``state_dict()`` (the storage tensors themselves, not copies, plus counte
 ``save_hdf5(group, since=None)`` / ``load_hdf5(group)`` with open h5py groups: a full save holds every filled
 row; a delta save (``since`` = the add counts ``added_counts()`` returned at the previous save) holds only the
 rows added after it. Loading the full save and then each delta in order reproduces ``state_dict()`` exactly.
+Saving copies rows to the host and writes them one block of records at a time, so it needs a few MB beyond the
+buffer, not a second copy of it.
 """
 
 from __future__ import annotations
