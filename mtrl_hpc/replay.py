@@ -59,6 +59,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,6 +69,9 @@ from mtrl_hpc import _C, ops  # noqa: F401  (ops registers torch.ops.mtrl_hpc.*)
 
 _MASK64 = (1 << 64) - 1
 _FORMAT = "mtrl_hpc.replay/1"
+# The sampling rule of the saved buffer (module docstring): 2 = two batch rows per Philox call. Groups saved
+# before the attribute existed drew one row per call.
+_DRAW_RULE = 2
 _OBS_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _FIELDS = ("obs", "action", "reward", "next_obs", "not_done")
 
@@ -421,7 +425,8 @@ class ReplayBuffer:
         (add counts, sample counter, seed, layout). Returns the number of rows written per field.
 
         Group layout: attributes ``format``, ``num_tasks``, ``capacity_per_task``, ``obs_shape``,
-        ``action_shape``, ``obs_dtype``, ``seed``, ``sample_counter``; datasets ``since`` and ``added`` [T] int64,
+        ``action_shape``, ``obs_dtype``, ``seed``, ``sample_counter``, ``draw_rule`` (the sampling rule: loading
+        a group of another rule warns); datasets ``since`` and ``added`` [T] int64,
         ``runs`` [R, 3] int64 (task, start slot, count) and one dataset per field holding the rows of all runs
         in order (bfloat16 obs as uint16 bits). ``digest`` (an ``mtrl_hpc.hdf5_tree.Digest``, optional) hashes
         every written object as it is written.
@@ -433,6 +438,7 @@ class ReplayBuffer:
         prefix = group.name.rstrip("/")
         a = group.attrs
         a["format"] = _FORMAT
+        a["draw_rule"] = _DRAW_RULE
         a["num_tasks"], a["capacity_per_task"] = self.num_tasks, self.capacity_per_task
         a["obs_shape"], a["action_shape"] = np.array(self.obs_shape), np.array(self.action_shape)
         a["obs_dtype"] = _OBS_DTYPES[self.obs_dtype]
@@ -476,6 +482,12 @@ class ReplayBuffer:
             raise ValueError(f"load_hdf5(): group {group.name!r} holds no replay buffer (format attribute "
                              f"{a.get('format')!r}, expected {_FORMAT!r})")
         self._check_layout("load_hdf5()", int(a["num_tasks"]), int(a["capacity_per_task"]))
+        draw_rule = int(a.get("draw_rule", 1))
+        if draw_rule != _DRAW_RULE:
+            warnings.warn(f"load_hdf5(): group {group.name!r} was saved by a version of mtrl_hpc that drew rows by "
+                          f"sampling rule {draw_rule}, and this one uses rule {_DRAW_RULE}: the rows and counters "
+                          "are restored exactly, but the batches sampled from here on differ from the ones that "
+                          "version would have drawn", RuntimeWarning, stacklevel=2)
         for name, want in (("obs_shape", self.obs_shape), ("action_shape", self.action_shape)):
             if tuple(int(v) for v in a[name]) != want:
                 raise ValueError(f"load_hdf5(): saved {name} is {tuple(int(v) for v in a[name])} but this buffer has "

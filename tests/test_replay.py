@@ -7,6 +7,7 @@ known-answer vectors), and every batch of the compiled buffer must match it exac
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -460,6 +461,22 @@ def test_hdf5_round_trip_is_exact(tmp_path, obs_dtype, block_rows, monkeypatch):
         b.load_hdf5(f["replay"])
     assert_same_state(a, b)
     assert_same_future(a, b)
+
+
+def test_hdf5_group_of_another_sampling_rule_loads_exactly_and_warns(tmp_path):
+    a = filled(T=3, C=8, steps=5)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        a.save_hdf5(f.create_group("replay"))
+    b = ReplayBuffer(3, 8, (5,), (2,))
+    with h5py.File(tmp_path / "r.h5", "r") as f, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current rule loads silently
+        b.load_hdf5(f["replay"])
+    with h5py.File(tmp_path / "r.h5", "a") as f:
+        del f["replay"].attrs["draw_rule"]  # as saved before the rule was recorded: one row per Philox call
+    c = ReplayBuffer(3, 8, (5,), (2,))
+    with h5py.File(tmp_path / "r.h5", "r") as f, pytest.warns(RuntimeWarning, match="sampling rule 1"):
+        c.load_hdf5(f["replay"])
+    assert_same_state(a, c)
 
 
 def test_hdf5_save_digest_matches_the_file(tmp_path, monkeypatch):
