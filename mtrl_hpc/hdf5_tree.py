@@ -191,16 +191,15 @@ class DigestStream:
                 self._current, self._filled = [], 0
 
     def _submit(self, pieces) -> None:
-        pending = self._digest._pending  # shared by the digest's bounded streams
+        future = self._digest._executor().submit(_hash_pieces, pieces)
+        self._digests.append(future)
         if self._bounded:
+            pending = self._digest._pending  # shared by the digest's bounded streams
+            pending.append(future)
             while pending and pending[0].done():
                 pending.popleft()
-            if len(pending) >= _MAX_PENDING_BLOCKS:
+            if len(pending) > _MAX_PENDING_BLOCKS:
                 pending.popleft().result()  # wait for the oldest block: bounds the bytes held for hashing
-        future = self._digest._executor().submit(_hash_pieces, pieces)
-        if self._bounded:
-            pending.append(future)
-        self._digests.append(future)
 
     def close(self) -> None:
         if self._current:  # the last, partial block (none when the bytes end on a block edge)

@@ -198,16 +198,11 @@ void sample_rows(uint64_t seed, uint64_t counter, const int64_t* off, const int6
   constexpr int64_t kAhead = 8;
   int64_t t = task_of_row(off, T, b0);  // task of the next row to draw
   int64_t drawn = b0;
-  uint64_t bits[kGroupRows];  // random bits of the group of rows that holds row `drawn`
-  int64_t group = -1;
+  RowBits bits(seed, counter);
   auto draw_next = [&] {
     while (off[t + 1] <= drawn) ++t;
-    if (drawn / kGroupRows != group) {
-      group = drawn / kGroupRows;
-      group_bits(seed, counter, static_cast<uint64_t>(group), bits);
-    }
     tid[drawn] = t;
-    ind[drawn] = row_of_bits(bits[drawn % kGroupRows], fill_count(cnt[t], C));
+    ind[drawn] = row_of_bits(bits.of(drawn), fill_count(cnt[t], C));
     plan.prefetch(t, ind[drawn]);
     ++drawn;
   };
@@ -287,21 +282,15 @@ at::Tensor replay_philox_cpu(const at::Tensor& counters, int64_t seed) {
 }
 
 // The 64 random bits sample() draws for batch rows [first_row, first_row + num_rows) of sample call `counter`,
-// as int64 (same bits), for testing: vectorized = false forces the portable path of draws_cpu.h.
+// as int64 (same bits), through the RowBits that sample() uses; vectorized = false forces the portable path.
 at::Tensor replay_row_bits_cpu(int64_t seed, int64_t counter, int64_t first_row, int64_t num_rows, bool vectorized) {
   TORCH_CHECK(first_row >= 0 && num_rows >= 0 && num_rows <= INT64_MAX - first_row,
               "replay_row_bits(): first_row and num_rows must be >= 0 with first_row + num_rows < 2^63, got ",
               first_row, " and ", num_rows);
   at::Tensor out = at::empty({num_rows}, at::kLong);
   int64_t* op = out.data_ptr<int64_t>();
-  uint64_t bits[kGroupRows];
-  for (int64_t r = first_row; r < first_row + num_rows; ++r) {
-    if (r == first_row || r % kGroupRows == 0) {
-      group_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(counter), static_cast<uint64_t>(r / kGroupRows),
-                 bits, vectorized);
-    }
-    op[r - first_row] = static_cast<int64_t>(bits[r % kGroupRows]);
-  }
+  RowBits bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(counter), vectorized);
+  for (int64_t r = first_row; r < first_row + num_rows; ++r) op[r - first_row] = static_cast<int64_t>(bits.of(r));
   return out;
 }
 
