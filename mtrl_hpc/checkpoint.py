@@ -53,7 +53,11 @@ from mtrl_hpc.hdf5_tree import Digest, TreeError, read_tree, write_tree
 
 FORMAT = "mtrl_hpc.checkpoint"
 SEGMENT_FORMAT = "mtrl_hpc.replay_segment"
-FORMAT_VERSION = 1
+# Version 2 added the reward normaliser's statistics to the state; a version 1 checkpoint cannot resume exactly.
+FORMAT_VERSION = 2
+SEGMENT_FORMAT_VERSION = 1
+# format -> (version written, oldest version read)
+_VERSIONS = {FORMAT: (FORMAT_VERSION, 2), SEGMENT_FORMAT: (SEGMENT_FORMAT_VERSION, 1)}
 CHECKSUM_ATTR = "sha256"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -62,8 +66,13 @@ _STEP_RE = re.compile(r"^step_(\d{12})\.h5$")
 _SEG_RE = re.compile(r"^seg_(\d{12})_[0-9a-f]{8}\.h5$")
 _TMP_PREFIX = ".tmp-"
 
+
 class CheckpointError(Exception):
     """A checkpoint cannot be written, verified or restored; the message says which file and what to do."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint of a format version this mtrl_hpc does not read: the run must not silently start over."""
 
 
 # ============================================================================================ public API
@@ -119,6 +128,13 @@ def save(run_dir, step: int, state: dict, replay=None, config_yaml: str = "", re
     return final
 
 
+def latest_path(run_dir) -> pathlib.Path | None:
+    """The newest checkpoint file of ``run_dir`` by step, not verified (``find_latest_good`` verifies)."""
+    ckdir = checkpoint_dir(run_dir)
+    found = _list_checkpoints(ckdir) if ckdir.is_dir() else []
+    return max(found)[1] if found else None
+
+
 def find_latest_good(run_dir) -> pathlib.Path | None:
     """The newest checkpoint of ``run_dir`` that verifies, or None; warns about each newer one that does not.
 
@@ -133,6 +149,8 @@ def find_latest_good(run_dir) -> pathlib.Path | None:
         try:
             verify(path)
             return path
+        except CheckpointVersionError:
+            raise
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint {path}: {e}", RuntimeWarning, stacklevel=2)
     return None
@@ -263,7 +281,7 @@ def _write_atomic(final: pathlib.Path, fmt: str, body) -> str:
             with h5py.File(tmp, "w", track_order=True) as f:
                 digest = Digest(skip_attrs=(CHECKSUM_ATTR,))
                 f.attrs["format"] = fmt
-                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["format_version"] = _VERSIONS[fmt][0]
                 f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 for lib, version in _versions().items():
                     f.attrs[f"version_{lib}"] = str(version)
@@ -343,10 +361,18 @@ class _open:
                 f"{path} is an HDF5 file but not a {self.fmt} file (its 'format' attribute is {fmt!r}); "
                 "move it out of the checkpoints directory"
             )
-        if version is None or int(version) > FORMAT_VERSION:
+        newest, oldest = _VERSIONS[self.fmt]
+        if version is None or int(version) > newest:
             self.f.close()
-            raise CheckpointError(
-                f"{path} has format_version {version!r}; this mtrl_hpc reads up to {FORMAT_VERSION}: upgrade mtrl_hpc"
+            raise CheckpointVersionError(
+                f"{path} has format_version {version!r}; this mtrl_hpc reads up to {newest}: upgrade mtrl_hpc"
+            )
+        if int(version) < oldest:
+            self.f.close()
+            raise CheckpointVersionError(
+                f"{path} has format_version {int(version)}, written by an older mtrl_hpc; this one reads versions "
+                f"{oldest}-{newest} and cannot resume it exactly: start the run in a new directory, or finish it "
+                "with the mtrl_hpc that wrote it"
             )
         return self.f
 

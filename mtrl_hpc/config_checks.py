@@ -5,6 +5,7 @@ import torch
 from mtrl_hpc.agents import AGENTS
 from mtrl_hpc.agents.sac import OPTIMIZERS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
+from mtrl_hpc.nets.mlp import WEIGHT_INITS
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TASK_ENCODER_LOSSES = ("critic", "actor")
@@ -63,6 +64,15 @@ def check_config(cfg) -> list[str]:
         need(opt["_target_"] in OPTIMIZERS,
              f"agent.optimizers.{name}._target_={opt['_target_']!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
         need(opt.lr > 0, f"agent.optimizers.{name}.lr={opt.lr} must be > 0")
+        clip = opt.get("max_grad_norm")
+        need(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0),
+             f"agent.optimizers.{name}.max_grad_norm={clip} must be a number > 0, or null for no clipping")
+    need(agent.builder.weight_init in WEIGHT_INITS,
+         f"agent.builder.weight_init={agent.builder.weight_init!r} is not available; choose one of {', '.join(WEIGHT_INITS)}")
+    bounds = agent.actor.log_std_bounds
+    need(len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+         and bounds[0] < bounds[1],
+         f"agent.actor.log_std_bounds={list(bounds)} must be [low, high] numbers with low < high, e.g. [-5, 2]")
     for part in ("actor", "critic"):
         need(agent[part].num_layers >= 0 and agent[part].hidden_dim >= 1,
              f"agent.{part}: num_layers must be >= 0 and hidden_dim >= 1 (got {agent[part].num_layers}, {agent[part].hidden_dim})")

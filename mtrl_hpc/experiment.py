@@ -25,12 +25,15 @@ from mtrl_hpc.envs import make_env
 from mtrl_hpc.metrics import MetricsLog, ProgressBar, echo
 from mtrl_hpc.preemption import StopRequest
 from mtrl_hpc.replay import ReplayBuffer
+from mtrl_hpc.reward_normalization import RewardNormalizer
+from mtrl_hpc.divergence import DivergenceGuard
 
 log = logging.getLogger(__name__)
 
 # Keys a checkpoint must share with the run that resumes it.
 RESUME_KEYS = (
-    "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version", "agent.name",
+    "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version",
+    "env.builder.make_kwargs.should_perform_reward_normalization", "agent.name",
     "agent.actor", "agent.critic", "agent.encoder.type_to_select", "agent.multitask", "replay_buffer.capacity",
     "replay_buffer.obs_dtype", "setup.seed",
 )
@@ -62,6 +65,9 @@ class Experiment:
         self.replay = ReplayBuffer(self.num_tasks, cfg.replay_buffer.capacity // self.num_tasks, (self.env.obs_dim,),
                                    (self.env.action_dim,), device=self.device, seed=seed,
                                    obs_dtype=OBS_DTYPES[cfg.replay_buffer.obs_dtype])
+        normalize = cfg.env.builder.make_kwargs.should_perform_reward_normalization
+        self.reward_normalizer = RewardNormalizer(self.num_tasks) if normalize else None
+        self.guard = DivergenceGuard(self.agent, cfg.experiment.critic_loss_ceiling, run_dir)
         self.step = 0
         self.episode = 0
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -89,6 +95,7 @@ class Experiment:
                 "python": _python_rng_state(),
             },
             "env": self.env.get_state(),
+            "reward_normalizer": self.reward_normalizer.state_dict() if self.reward_normalizer else {},
         }
 
     def save_checkpoint(self) -> None:
@@ -117,6 +124,8 @@ class Experiment:
         self.rng.bit_generator.state = _bitgen_state_from_plain(rng["numpy"])
         random.setstate(_python_rng_from_plain(rng["python"]))
         self.env.set_state(state["env"])
+        if self.reward_normalizer:
+            self.reward_normalizer.load_state_dict(state["reward_normalizer"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -142,8 +151,11 @@ class Experiment:
                 step = self.step
                 if (step % L == 0 or step >= cfg.num_train_steps) and not boundary_done:
                     if obs is not None:
-                        self._log_train(step, episode_reward, episode_success, update_sums, num_updates,
-                                        time.perf_counter() - episode_start)
+                        means = {k: (v / num_updates).cpu().numpy() for k, v in update_sums.items()}  # read once per episode
+                        self._log_train(step, episode_reward, episode_success, means, time.perf_counter() - episode_start)
+                        # Before this boundary's evaluation and checkpoint: a diverged state is never saved.
+                        if means:
+                            self.guard.check(means, first_step=step - L, last_step=step)
                         update_sums, num_updates = {}, 0
                     if step % cfg.eval_freq == 0:
                         self.evaluate()
@@ -172,7 +184,8 @@ class Experiment:
                     obs_t = torch.as_tensor(obs, device=self.device)
                     action = self.agent.act(obs_t, self.task_ids, sample=True).cpu().numpy()
                 result = self.env.step(action)
-                self.replay.add(obs, action, result.reward, result.obs, result.terminated, self.task_ids_host)
+                reward = self.reward_normalizer(result.reward) if self.reward_normalizer else result.reward
+                self.replay.add(obs, action, reward, result.obs, result.terminated, self.task_ids_host)
                 episode_reward += result.reward
                 np.maximum(episode_success, result.success, out=episode_success)
                 obs = result.obs
@@ -199,12 +212,11 @@ class Experiment:
         echo(self.metrics.log("eval", self.step, scalars, per_task))
         echo("  success per task: " + ", ".join(f"{n}={s:.2f}" for n, s in zip(self.task_names, result.success_rate)))
 
-    def _log_train(self, step, episode_reward, episode_success, update_sums, num_updates, duration) -> None:
+    def _log_train(self, step, episode_reward, episode_success, means, duration) -> None:
         scalars = {"episode": self.episode, "duration": duration,
                    "episode_reward": float(episode_reward.mean()), "success": float(episode_success.mean())}
         per_task = {"episode_reward": episode_reward.copy(), "success": episode_success.copy()}
-        for k, v in update_sums.items():
-            mean = (v / num_updates).cpu().numpy()  # the one device read per episode
+        for k, mean in means.items():
             if k.endswith(TASK_SUFFIX):
                 per_task[k[: -len(TASK_SUFFIX)]] = mean
             else:

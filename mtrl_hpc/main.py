@@ -14,6 +14,8 @@ log = logging.getLogger("mtrl_hpc")
 
 # Exit status of a run that stopped on a scheduler's signal after writing its checkpoint.
 EXIT_STOPPED = 3
+# Exit status of a run whose training diverged (mtrl_hpc.divergence): never requeued.
+EXIT_DIVERGED = 4
 
 
 def run(cfg: DictConfig, run_dir: pathlib.Path, ignore_late_warnings: bool = False) -> str:
@@ -45,6 +47,7 @@ def run(cfg: DictConfig, run_dir: pathlib.Path, ignore_late_warnings: bool = Fal
 def main(cfg: DictConfig) -> None:
     from mtrl_hpc.checkpoint import CheckpointError
     from mtrl_hpc.config_checks import ConfigError
+    from mtrl_hpc.divergence import Diverged
     from mtrl_hpc.metrics import MetricsError
 
     run_dir = pathlib.Path(cfg.setup.save_dir or HydraConfig.get().runtime.output_dir)
@@ -53,6 +56,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError, MetricsError) as error:
         print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Diverged as error:
+        print(f"mtrl_hpc: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
     except KeyboardInterrupt:
         where = f"setup.save_dir={run_dir}" if cfg.setup.save_dir else f"hydra.run.dir={run_dir}"
         print(f"\nmtrl_hpc: interrupted. To continue from the newest checkpoint: python -m mtrl_hpc.main "

@@ -81,6 +81,11 @@ def test_defaults_follow_mtrl():
     (["agent.multitask.should_use_multi_head_policy=True", "replay_buffer.batch_size=1285"], "must be a multiple of the 10 tasks"),
     (["replay_buffer.obs_dtype=int8"], "replay_buffer.obs_dtype='int8'"),
     (["agent.optimizers.actor._target_=os.system"], "agent.optimizers.actor._target_='os.system' is not available"),
+    (["agent.optimizers.critic.max_grad_norm=0"], "agent.optimizers.critic.max_grad_norm=0 must be a number > 0, or null"),
+    (["agent.optimizers.alpha.max_grad_norm=true"], "agent.optimizers.alpha.max_grad_norm=True must be a number > 0"),
+    (["agent.builder.weight_init=xavier"], "agent.builder.weight_init='xavier' is not available; choose one of orthogonal, pytorch_default"),
+    (["agent.actor.log_std_bounds=[2,-5]"], "agent.actor.log_std_bounds=[2, -5] must be [low, high] numbers with low < high"),
+    (["agent.actor.log_std_bounds=[-5]"], "agent.actor.log_std_bounds=[-5] must be [low, high]"),
 ])
 def test_bad_values_are_named(overrides, needle):
     cfg = make_cfg(*overrides)

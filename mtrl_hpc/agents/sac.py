@@ -15,16 +15,21 @@ from mtrl_hpc import losses
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
+from mtrl_hpc.nets.mlp import init_weights
 from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder
 
 OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
+
+
+# Keys of an optimizer's config node that are not arguments of the torch optimizer.
+STEP_KEYS = ("_target_", "max_grad_norm")
 
 
 def make_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
     target = optimizer_cfg["_target_"]
     if target not in OPTIMIZERS:
         raise ValueError(f"optimizer _target_={target!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
-    kwargs = {k: v for k, v in optimizer_cfg.items() if k != "_target_"}
+    kwargs = {k: v for k, v in optimizer_cfg.items() if k not in STEP_KEYS}
     kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
     # One fused kernel for all parameters instead of a loop of small per-tensor updates.
     return OPTIMIZERS[target](params, fused=True, **kwargs)
@@ -67,6 +72,9 @@ class SACAgent(nn.Module):
                            cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers)
         self.critic = TwinCritic(feature_dim + (task_dim if self.critic_uses_task else 0), action_dim,
                                  cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers)
+        if b.weight_init != "orthogonal":  # the layers start orthogonal
+            for net in (self.task_encoder, self.encoder, self.actor, self.critic):
+                init_weights(net, b.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.encoder_target = copy.deepcopy(self.encoder).requires_grad_(False)
         num_alphas = num_tasks if mt.should_use_disentangled_alpha else 1
@@ -83,6 +91,9 @@ class SACAgent(nn.Module):
         self.actor_optimizer = make_optimizer(actor_params, opt.actor)
         self.critic_optimizer = make_optimizer(critic_params, opt.critic)
         self.alpha_optimizer = make_optimizer([self.log_alpha], opt.alpha)
+        # Per optimizer: its parameters and the gradient-norm clip applied before its step (None: off).
+        self._grad_clip = {name: (params, _max_grad_norm(opt[name]))
+                           for name, params in (("actor", actor_params), ("critic", critic_params), ("alpha", [self.log_alpha]))}
         self._critic_params = list(self.critic.parameters())
         # (target, source) parameter lists for the soft target updates.
         self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)
@@ -132,9 +143,7 @@ class SACAgent(nn.Module):
         critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
                                            self.log_alpha, task_ids, self.discount, T)
         critic_loss = critic_losses.mean()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_optimizer.step()
+        self.step_optimizer("critic", critic_loss)
         metrics["critic_loss"] = critic_loss.detach()
         metrics["critic_loss_env_index_"] = critic_losses.detach()
         metrics["batch_reward"] = batch.reward.mean()
@@ -144,6 +153,18 @@ class SACAgent(nn.Module):
         if step % self.critic_target_update_freq == 0:
             self._soft_update_targets()
         return metrics
+
+    def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
+        """zero_grad -> backward -> clip -> step of one optimizer ("actor", "critic" or "alpha"): the one place
+        where an update turns a loss into a parameter change."""
+        optimizer = self.optimizers()[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params, max_norm = self._grad_clip[name]
+        if max_norm is not None:
+            # foreach: one fused norm over all gradients, no host sync.
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        optimizer.step()
 
     @torch.no_grad()
     def _soft_update_targets(self) -> None:
@@ -164,15 +185,11 @@ class SACAgent(nn.Module):
             p.requires_grad_(True)
         actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T)
         actor_loss = actor_losses.mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
+        self.step_optimizer("actor", actor_loss)
 
         alpha_losses = losses.temperature_loss(log_prob.detach(), self.log_alpha, task_ids, self.target_entropy, T)
         alpha_loss = alpha_losses.mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_optimizer.step()
+        self.step_optimizer("alpha", alpha_loss)
         alpha = self.alpha
         return {
             "actor_loss": actor_loss.detach(),
@@ -198,6 +215,11 @@ class SACAgent(nn.Module):
         self.load_state_dict(state["modules"])
         for name, opt in self.optimizers().items():
             opt.load_state_dict(_optimizer_state_from_tree(state["optimizers"][name]))
+
+
+def _max_grad_norm(optimizer_cfg) -> float | None:
+    value = optimizer_cfg.get("max_grad_norm")
+    return None if value is None else float(value)
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict:

@@ -8,8 +8,14 @@ task's rows: [members * tasks, rows_per_task, features] @ [members * tasks, feat
 every head on every row and masked the result, discarding (tasks - 1) / tasks of the head compute.
 """
 
+import math
+
 import torch
 from torch import nn
+
+# orthogonal: mtrl's init (nn.init.orthogonal_ on each [out, in] weight, zero biases).
+# pytorch_default: nn.Linear's own, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+WEIGHT_INITS = ("orthogonal", "pytorch_default")
 
 
 class StackedLinear(nn.Module):
@@ -19,9 +25,21 @@ class StackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(stacks, in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(stacks, 1, out_features))
-        for matrix in self.weight.data:
-            # Orthogonal init as in mtrl (nn.init.orthogonal_ on the [out, in] weight).
-            nn.init.orthogonal_(matrix.T)
+        self.reset_parameters("orthogonal")
+
+    @torch.no_grad()
+    def reset_parameters(self, scheme: str) -> None:
+        """Initialise every stacked layer with one of WEIGHT_INITS."""
+        if scheme == "orthogonal":
+            for matrix in self.weight:
+                nn.init.orthogonal_(matrix.T)
+            self.bias.zero_()
+        elif scheme == "pytorch_default":
+            bound = 1 / math.sqrt(self.weight.shape[1])
+            self.weight.uniform_(-bound, bound)
+            self.bias.uniform_(-bound, bound)
+        else:
+            raise ValueError(f"weight init {scheme!r} is not available; choose one of {', '.join(WEIGHT_INITS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
@@ -29,6 +47,13 @@ class StackedLinear(nn.Module):
     def extra_repr(self) -> str:
         stacks, fan_in, fan_out = self.weight.shape
         return f"stacks={stacks}, in_features={fan_in}, out_features={fan_out}"
+
+
+def init_weights(module: nn.Module, scheme: str) -> None:
+    """Re-initialise every StackedLinear inside `module` with `scheme` (one of WEIGHT_INITS)."""
+    for m in module.modules():
+        if isinstance(m, StackedLinear):
+            m.reset_parameters(scheme)
 
 
 def _layer_sizes(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> list[tuple[int, int]]:
