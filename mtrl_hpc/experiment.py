@@ -140,7 +140,9 @@ class Experiment:
         obs = None
         episode_reward = np.zeros(self.num_tasks)
         episode_success = np.zeros(self.num_tasks)
-        update_sums, num_updates = {}, 0
+        # Per metric: its sum over this episode's updates and the number of updates that produced it (the actor
+        # and temperature metrics come only from every actor_update_freq-th update).
+        update_sums, update_counts = {}, {}
         episode_start = time.perf_counter()
         # A resumed run restarts right after the boundary work of its checkpoint's step.
         boundary_done = self._resumed
@@ -151,12 +153,12 @@ class Experiment:
                 step = self.step
                 if (step % L == 0 or step >= cfg.num_train_steps) and not boundary_done:
                     if obs is not None:
-                        means = {k: (v / num_updates).cpu().numpy() for k, v in update_sums.items()}  # read once per episode
+                        means = {k: (v / update_counts[k]).cpu().numpy() for k, v in update_sums.items()}  # read once per episode
                         self._log_train(step, episode_reward, episode_success, means, time.perf_counter() - episode_start)
                         # Before this boundary's evaluation and checkpoint: a diverged state is never saved.
                         if means:
                             self.guard.check(means, first_step=step - L, last_step=step)
-                        update_sums, num_updates = {}, 0
+                        update_sums, update_counts = {}, {}
                     if step % cfg.eval_freq == 0:
                         self.evaluate()
                     if step >= cfg.num_train_steps:
@@ -195,7 +197,7 @@ class Experiment:
                         metrics = self.agent.update(self.replay.sample(batch_size), step)
                         for k, v in metrics.items():
                             update_sums[k] = update_sums[k] + v if k in update_sums else v.clone()
-                        num_updates += 1
+                            update_counts[k] = update_counts.get(k, 0) + 1
                 self.step = step + 1
                 progress.update(1)
         finally:

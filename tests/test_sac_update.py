@@ -104,7 +104,7 @@ class ReferenceSAC:
         self.actor_freq, self.target_freq = b.actor_update_freq, b.critic_target_update_freq
         self.lo, self.hi = cfg.actor.log_std_bounds
         opt = cfg.optimizers
-        self.opts = {name: Adam(params, opt[name].lr, tuple(opt[name].betas))
+        self.opts = {name: Adam(params, opt[name].lr, tuple(opt[name].betas), opt[name].eps)
                      for name, params in (("critic", flat(self.critic)), ("actor", flat(self.actor)), ("alpha", [self.log_alpha]))}
         self.clip = {name: opt[name].max_grad_norm for name in self.opts}
 
@@ -189,7 +189,7 @@ VARIANTS = {
                     "agent.multitask.should_use_disentangled_alpha=True", *NO_TASK_INFO], EQUAL),
     "clipped_delayed_unequal": (["agent.multitask.should_use_disentangled_alpha=True",
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
-                                 "agent.optimizers.alpha.max_grad_norm=0.01", "agent.builder.actor_update_freq=2",
+                                 "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",
                                  "agent.builder.critic_target_update_freq=3", "agent.actor.log_std_bounds=[-5,2]"], UNEQUAL),
 }
 

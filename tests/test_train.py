@@ -97,3 +97,12 @@ def test_compiled_networks_train_like_eager(tmp_path):
     compiled = train(tmp_path / "compiled", "experiment.num_train_steps=30", "agent.compile=true")
     np.testing.assert_allclose(compiled["train/critic_loss"], eager["train/critic_loss"], rtol=1e-3)
     np.testing.assert_array_equal(compiled["train/step"], eager["train/step"])
+
+
+def test_actor_metrics_average_over_the_updates_that_produced_them(tmp_path):
+    # With actor_update_freq=2 only every second update computes alpha; alpha starts at init_temperature=1.0
+    # and moves by about lr per update, so its episode mean is about 1.0 (dividing by all updates gave 0.5).
+    m = train(tmp_path, "agent.builder.actor_update_freq=2", "experiment.num_train_steps=40")
+    alpha = m["train/alpha_value"][2:]
+    assert np.all(np.abs(alpha - 1.0) < 0.05), alpha
+    np.testing.assert_allclose(m["train/alpha_value_env_index_"][2:].mean(1), alpha, rtol=1e-6)

@@ -1,0 +1,125 @@
+"""The learning study behind mtrl_hpc's SAC defaults (docs/learning.md): variants x seeds on MT1 reach-v3.
+
+Each variant changes one thing against mtrl_hpc with mtrl's settings or against the plain reference SAC
+(benchmarks/plain_sac.py). Runs go two at a time (one CPU thread each) into --runs-dir; a variant whose result
+is already there is not run again, so the study can be done in pieces. Then it prints the markdown table of
+docs/learning.md: eval success (10 episodes) at each evaluation, and the critic loss, entropy and temperature
+averaged over the last 5k steps.
+
+    python benchmarks/learning_study.py [--runs-dir runs/learning_study] [--seeds 1 2 3] [--only A C] [--table-only]
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 30000
+MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1", "agent.actor.hidden_dim=256",
+            "replay_buffer.batch_size=256", f"experiment.num_train_steps={STEPS}", "experiment.init_steps=5000",
+            "experiment.eval_freq=5000", "experiment.num_eval_episodes=10", "setup.num_threads=1", "setup.device=cpu",
+            "logger.progress_bar=false", "experiment.save.freq=10000", "experiment.critic_loss_ceiling=null"]
+MTRL_SETTINGS = ["agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=orthogonal"]
+
+# id -> (label, "mtrl_hpc" or "plain", arguments). mtrl_hpc's temperature loss is the log_alpha form.
+VARIANTS = {
+    "A_mtrl_hpc": ("mtrl_hpc, mtrl's settings: log_std [-20, 2], orthogonal init, log_alpha loss", "mtrl_hpc", MTRL_SETTINGS),
+    "C_mtrl_hpc_std5": ("mtrl_hpc, log_std [-5, 2] (the new default)", "mtrl_hpc",
+                        ["agent.actor.log_std_bounds=[-5,2]", "agent.builder.weight_init=orthogonal"]),
+    "F_mtrl_hpc_pytinit": ("mtrl_hpc, log_std [-20, 2], PyTorch default init", "mtrl_hpc",
+                           ["agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=pytorch_default"]),
+    "B_plain": ("plain SAC: log_std [-5, 2], PyTorch default init, alpha loss", "plain", []),
+    "D_plain_std20": ("plain, log_std [-20, 2]", "plain", ["--log-std-min", "-20"]),
+    "E_plain_std20_orth": ("plain, log_std [-20, 2] + orthogonal init", "plain", ["--log-std-min", "-20", "--init", "orthogonal"]),
+    "H_plain_mtrl_settings": ("plain, log_std [-20, 2] + orthogonal + log_alpha loss (mtrl's settings)", "plain",
+                              ["--log-std-min", "-20", "--init", "orthogonal", "--alpha-loss", "log_alpha"]),
+    "G_plain_logalpha": ("plain, log_alpha loss", "plain", ["--alpha-loss", "log_alpha"]),
+}
+
+
+def result_path(runs_dir: pathlib.Path, vid: str, seed: int) -> pathlib.Path:
+    kind = VARIANTS[vid][1]
+    return runs_dir / vid / f"s{seed}" / "metrics.h5" if kind == "mtrl_hpc" else runs_dir / f"{vid}_s{seed}.jsonl"
+
+
+def run(runs_dir: pathlib.Path, vid: str, seed: int) -> int:
+    _, kind, extra = VARIANTS[vid]
+    if kind == "mtrl_hpc":
+        cmd = [sys.executable, "-m", "mtrl_hpc.main", *MTRL_HPC, *extra, f"setup.seed={seed}",
+               f"hydra.run.dir={runs_dir / vid / f's{seed}'}"]
+    else:
+        cmd = [sys.executable, "benchmarks/plain_sac.py", "--steps", str(STEPS), *extra, "--seed", str(seed),
+               "--out", str(result_path(runs_dir, vid, seed))]
+    with open(runs_dir / f"{vid}_s{seed}.log", "w") as log:
+        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def read(runs_dir: pathlib.Path, vid: str, seed: int) -> dict | None:
+    """step -> (success, critic loss, entropy, alpha), the last three averaged over the 5k steps before it."""
+    path = result_path(runs_dir, vid, seed)
+    if not path.exists():
+        return None
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {r["step"]: (r["success"], *(np.nan if r[k] is None else r[k] for k in ("critic_loss", "entropy", "alpha")))
+                for r in rows}
+    with h5py.File(path, "r", swmr=True) as f:
+        ev, train = {int(s): v for s, v in zip(f["eval/step"][()], f["eval/success"][()])}, f["train"]
+        step = train["step"][()]
+        cols = [train[k][()] for k in ("critic_loss", "actor_entropy", "alpha_value")]
+    out = {}
+    for s, success in ev.items():
+        window = (step > s - 5000) & (step <= s)
+        out[s] = (success, *(float(np.nanmean(c[window])) if np.isfinite(c[window]).any() else np.nan for c in cols))
+    return out
+
+
+def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str]) -> str:
+    evals = list(range(5000, STEPS + 1, 5000))
+    lines = ["| variant | seed | " + " | ".join(f"{s // 1000}k" for s in evals) + " | critic loss | entropy | alpha |",
+             "|---|---|" + "---|" * (len(evals) + 3)]
+    for vid in only:
+        for seed in seeds:
+            r = read(runs_dir, vid, seed)
+            if r is None:
+                continue
+            last = r[max(r)]
+            cells = " | ".join(f"{r[s][0]:.1f}" if s in r else "-" for s in evals)
+            lines.append(f"| {vid[0]}: {VARIANTS[vid][0]} | {seed} | {cells} | {last[1]:.3g} | {last[2]:.2f} | {last[3]:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs-dir", type=pathlib.Path, default=ROOT / "runs" / "learning_study")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--only", nargs="+", default=None, help="variant ids or their letters (default: all)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
+    args = p.parse_args()
+    runs_dir = args.runs_dir.resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    only = [v for v in VARIANTS if args.only is None or v in args.only or v[0] in args.only]
+    if not args.table_only:
+        todo = [(v, s) for v in only for s in args.seeds if not finished(runs_dir, v, s)]
+        with ThreadPoolExecutor(args.workers) as pool:
+            for (v, s), status in zip(todo, pool.map(lambda vs: run(runs_dir, *vs), todo)):
+                if status != 0:
+                    print(f"{v} seed {s}: exited with status {status} (see {runs_dir / f'{v}_s{s}.log'})")
+    print(table(runs_dir, args.seeds, only))
+    return 0
+
+
+def finished(runs_dir: pathlib.Path, vid: str, seed: int) -> bool:
+    r = read(runs_dir, vid, seed)
+    return r is not None and STEPS in r
+
+
+if __name__ == "__main__":
+    sys.exit(main())
