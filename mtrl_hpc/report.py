@@ -9,8 +9,8 @@ the runs of a group are seeds of one configuration; a run without a Hydra config
 
 Printed (and written to ``DIR/report.txt``): per group, the final and the best eval success of every task and
 overall, as mean and standard error across the group's runs. "Final" is a run's last eval row; "best" the
-maximum over its eval rows (per task for the task rows; for "overall", the maximum of the per-row mean over
-tasks). Overall success of a row is its ``success`` metric, or the mean of its per-task success when that is
+maximum over its eval rows after step 0 (the untrained policy's evaluation is not a result; per task for the
+task rows; for "overall", the maximum of the per-row mean over tasks). Overall success of a row is its ``success`` metric, or the mean of its per-task success when that is
 missing. Plots (``DIR/<group>.png`` and ``DIR/comparison.png``): eval success and episode reward against
 steps, mean with a band of one standard error, over the runs holding that step.
 """
@@ -191,11 +191,11 @@ def summarize(group: Group) -> dict:
     for t, name in enumerate(names):
         out["tasks"][name] = {
             "final": mean_se([r.success[-1, t] for r in runs]),
-            "best": mean_se([_nanmax(r.success[:, t]) for r in runs]),
+            "best": mean_se([_nanmax(r.success[r.steps > 0, t]) for r in runs]),
         }
     out["overall"] = {
         "final": mean_se([r.overall_success[-1] for r in runs]),
-        "best": mean_se([_nanmax(r.overall_success) for r in runs]),
+        "best": mean_se([_nanmax(r.overall_success[r.steps > 0]) for r in runs]),
     }
     return out
 

@@ -17,7 +17,7 @@ from mtrl_hpc.metrics import MetricsLog
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ["reach", "push", "pick"]
-EVAL_STEPS = [1000, 2000, 3000, 4000]
+EVAL_STEPS = [0, 1000, 2000, 3000]  # step 0: the untrained policy, not counted as best
 
 
 def write_run(run_dir, config, success, reward):
@@ -78,11 +78,11 @@ def test_table_matches_numpy(sweep, tmp_path):
         rows = parsed[f"agent.name={agent}"]
         succ = np.stack([s for s, _ in runs])  # [seeds, N, T]
         for t, name in enumerate(TASKS):
-            final, best = succ[:, -1, t], succ[:, :, t].max(axis=1)
+            final, best = succ[:, -1, t], succ[:, 1:, t].max(axis=1)
             np.testing.assert_allclose(rows[name], [final.mean(), se(final), best.mean(), se(best)], atol=6e-5)
         overall = succ.mean(axis=2)  # [seeds, N]
         np.testing.assert_allclose(rows["overall"], [overall[:, -1].mean(), se(overall[:, -1]),
-                                                     overall.max(axis=1).mean(), se(overall.max(axis=1))], atol=6e-5)
+                                                     overall[:, 1:].max(axis=1).mean(), se(overall[:, 1:].max(axis=1))], atol=6e-5)
     names = sorted(p.name for p in files)
     assert names == ["agent.name=mtsac.png", "agent.name=pcgrad.png", "comparison.png", "report.txt"]
     for p in files:
@@ -109,7 +109,7 @@ def test_runs_still_writing_and_uneven_progress(tmp_path):
     rows = parse_table(table)["sweep"]
     np.testing.assert_allclose(rows["reach"], [(0.7 + 1.0) / 2, se([0.7, 1.0]), (0.7 + 1.0) / 2, se([0.7, 1.0])],
                                atol=6e-5)
-    assert "2 runs, 1 without eval rows" in table and "last eval step 3000..5000" in table
+    assert "2 runs, 1 without eval rows" in table and "last eval step 2000..5000" in table
 
 
 def test_runs_without_hydra_config_are_their_own_groups(tmp_path):
