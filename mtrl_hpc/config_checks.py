@@ -46,14 +46,8 @@ def check_config(cfg) -> list[str]:
          f"experiment.save.model.retain_last_n={exp.save.model.retain_last_n} must be -1 (all), 0 (none) or a positive count")
     need(isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1,
          f"env.max_episode_steps={env.max_episode_steps} must be an integer >= 1")
-    save_freq = exp.save.freq
-    if not (isinstance(save_freq, int) and save_freq >= 0):
-        problems.append(f"experiment.save.freq={save_freq} must be an integer >= 0 (0: no periodic checkpoints)")
-    elif save_freq and isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1 and save_freq % env.max_episode_steps:
-        problems.append(
-            f"experiment.save.freq={save_freq} must be a multiple of env.max_episode_steps={env.max_episode_steps}: "
-            f"checkpoints fall on episode boundaries (e.g. experiment.save.freq={save_freq - save_freq % env.max_episode_steps or env.max_episode_steps})"
-        )
+    need(isinstance(exp.save.freq, int) and exp.save.freq >= 0,
+         f"experiment.save.freq={exp.save.freq} must be an integer >= 0 (0: no periodic checkpoints)")
 
     need(mt.num_envs == env.num_envs,
          f"agent.multitask.num_envs={mt.num_envs} but env={env.name} has {env.num_envs} tasks; set agent.multitask.num_envs={env.num_envs}")

@@ -5,9 +5,10 @@ Steps count steps of the batched env: one step moves every task once (mtrl's con
 and end together (truncation at env.max_episode_steps; truncation is never treated as termination).
 
 Order at an episode boundary (step % max_episode_steps == 0): log the finished episode, evaluate if
-step % eval_freq == 0, checkpoint if step % save.freq == 0 (or a stop was requested), then reset the envs.
+step % eval_freq == 0, checkpoint if a multiple of save.freq was reached during the episode that just ended
+(or a stop was requested), then reset the envs.
 Evaluations at steps inside an episode run in place on a separate eval env. Checkpoints fall on episode
-boundaries (save.freq must be a multiple of the episode length), which is what makes resuming exact.
+boundaries (the first one at or after each multiple of save.freq), which is what makes resuming exact.
 """
 
 import logging
@@ -165,7 +166,7 @@ class Experiment:
                         self.save_checkpoint()
                         checkpoint.finish_run(self.run_dir, cfg.save.model.retain_last_n)
                         return "finished"
-                    if (cfg.save.freq and step % cfg.save.freq == 0 and step > 0) or self.stop.requested:
+                    if _save_due(step, L, cfg.save.freq) or self.stop.requested:
                         self.save_checkpoint()
                     if self.stop.requested:
                         log.warning("stop requested (%s): checkpoint written at step %d", self.stop.reason, step)
@@ -234,6 +235,13 @@ class Experiment:
 
 
 TASK_SUFFIX = "_env_index_"
+
+
+def _save_due(boundary: int, episode_steps: int, save_freq: int) -> bool:
+    """Checkpoint at this episode boundary: a multiple of save_freq lies in (previous boundary, boundary]."""
+    if not save_freq or boundary <= 0:
+        return False
+    return boundary // save_freq > max(boundary - episode_steps, 0) // save_freq
 
 
 def _split_metric_names(names) -> tuple[list[str], list[str]]:

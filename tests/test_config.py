@@ -76,7 +76,7 @@ def test_defaults_follow_mtrl():
     (["replay_buffer.batch_size=4"], "replay_buffer.batch_size=4 is smaller than the 10 tasks"),
     (["experiment.num_train_steps=-1"], "experiment.num_train_steps=-1 must be an integer >= 0"),
     (["experiment.eval_freq=0"], "experiment.eval_freq=0 must be an integer > 0"),
-    (["experiment.save.freq=750"], "must be a multiple of env.max_episode_steps=500"),
+    (["experiment.save.freq=-10"], "experiment.save.freq=-10 must be an integer >= 0"),
     (["agent.encoder.type_to_select=moe"], "agent.encoder.type_to_select='moe' is not available; choose one of identity, feedforward"),
     (["agent.multitask.should_use_multi_head_policy=True", "replay_buffer.batch_size=1285"], "must be a multiple of the 10 tasks"),
     (["replay_buffer.obs_dtype=int8"], "replay_buffer.obs_dtype='int8'"),

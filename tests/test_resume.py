@@ -143,3 +143,20 @@ def test_finished_run_resumed_again_does_nothing_more(tmp_path):
     status, _, err = finish(start(tmp_path, "experiment.num_train_steps=20"))
     assert status == 0, err[-3000:]
     assert last_train_step(tmp_path) == before == 20
+
+
+def test_save_freq_off_the_episode_grid_resumes_exactly(tmp_path_factory):
+    # save.freq=25 with 10-step episodes (as mtrl's 150-step episodes with save.freq=10000): checkpoints at
+    # 30, 50, 80, ...; a run killed after one of them resumes from it and ends as the uninterrupted run.
+    whole = tmp_path_factory.mktemp("whole")
+    status, _, err = finish(start(whole, "experiment.save.freq=25"))
+    assert status == 0, err[-3000:]
+    assert checkpoint_steps(whole)[:3] == [30, 50, 80]
+    cut = tmp_path_factory.mktemp("cut")
+    proc = start(cut, "experiment.save.freq=25")
+    wait_for(lambda: any(s >= 80 for s in checkpoint_steps(cut)), proc)
+    proc.kill()
+    proc.wait()
+    status, _, err = finish(start(cut, "experiment.save.freq=25"))
+    assert status == 0, err[-3000:]
+    assert_same_run(final_state(cut), final_state(whole))

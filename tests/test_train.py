@@ -106,3 +106,10 @@ def test_actor_metrics_average_over_the_updates_that_produced_them(tmp_path):
     alpha = m["train/alpha_value"][2:]
     assert np.all(np.abs(alpha - 1.0) < 0.05), alpha
     np.testing.assert_allclose(m["train/alpha_value_env_index_"][2:].mean(1), alpha, rtol=1e-6)
+
+
+def test_checkpoints_fall_on_the_first_boundary_after_each_multiple_of_save_freq(tmp_path):
+    # 10-step episodes, save.freq=25: multiples 25 and 50 are reached in the episodes ending at 30 and 50.
+    train(tmp_path, "experiment.save.freq=25", "experiment.save.model.retain_last_n=-1")
+    steps = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*.h5"))
+    assert steps == [30, 50, 60]
