@@ -24,16 +24,32 @@ STEPS = 30000
 MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1", "agent.actor.hidden_dim=256",
             "replay_buffer.batch_size=256", f"experiment.num_train_steps={STEPS}", "experiment.init_steps=5000",
             "experiment.eval_freq=5000", "experiment.num_eval_episodes=10", "setup.num_threads=1", "setup.device=cpu",
-            "logger.progress_bar=false", "experiment.save.freq=10000", "experiment.critic_loss_ceiling=null"]
-MTRL_SETTINGS = ["agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=orthogonal"]
+            "logger.progress_bar=false", "experiment.save.freq=10000", "experiment.critic_loss_ceiling=null",
+            # mtrl's settings, pinned so that each variant states all it changes whatever the defaults are
+            "agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=orthogonal", "agent.builder.init_temperature=1.0",
+            "agent.optimizers.actor.max_grad_norm=null", "agent.optimizers.critic.max_grad_norm=null",
+            "agent.optimizers.alpha.max_grad_norm=null", "env.builder.make_kwargs.should_perform_reward_normalization=false"]
 
 # id -> (label, "mtrl_hpc" or "plain", arguments). mtrl_hpc's temperature loss is the log_alpha form.
 VARIANTS = {
-    "A_mtrl_hpc": ("mtrl_hpc, mtrl's settings: log_std [-20, 2], orthogonal init, log_alpha loss", "mtrl_hpc", MTRL_SETTINGS),
-    "C_mtrl_hpc_std5": ("mtrl_hpc, log_std [-5, 2] (the new default)", "mtrl_hpc",
-                        ["agent.actor.log_std_bounds=[-5,2]", "agent.builder.weight_init=orthogonal"]),
+    "A_mtrl_hpc": ("mtrl_hpc, mtrl's settings: log_std [-20, 2], orthogonal init, log_alpha loss", "mtrl_hpc", []),
+    "C_mtrl_hpc_std5": ("mtrl_hpc, log_std [-5, 2]", "mtrl_hpc",
+                        ["agent.actor.log_std_bounds=[-5,2]"]),
     "F_mtrl_hpc_pytinit": ("mtrl_hpc, log_std [-20, 2], PyTorch default init", "mtrl_hpc",
                            ["agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=pytorch_default"]),
+    "I_mtrl_hpc_std5_pytinit": ("mtrl_hpc, log_std [-5, 2] + PyTorch default init", "mtrl_hpc",
+                                ["agent.actor.log_std_bounds=[-5,2]", "agent.builder.weight_init=pytorch_default"]),
+    "J_mtrl_hpc_std5_clip1": ("mtrl_hpc, log_std [-5, 2] + actor and critic max_grad_norm 1.0", "mtrl_hpc",
+                              ["agent.actor.log_std_bounds=[-5,2]", "agent.optimizers.actor.max_grad_norm=1.0",
+                               "agent.optimizers.critic.max_grad_norm=1.0"]),
+    "K_mtrl_hpc_std5_rewnorm": ("mtrl_hpc, log_std [-5, 2] + reward normalisation", "mtrl_hpc",
+                                ["agent.actor.log_std_bounds=[-5,2]", "env.builder.make_kwargs.should_perform_reward_normalization=true"]),
+    "L_mtrl_hpc_std5_temp01": ("mtrl_hpc, log_std [-5, 2] + init_temperature 0.1", "mtrl_hpc",
+                               ["agent.actor.log_std_bounds=[-5,2]", "agent.builder.init_temperature=0.1"]),
+    "M_mtrl_hpc_std5_clip1_rewnorm": ("mtrl_hpc, log_std [-5, 2] + max_grad_norm 1.0 + reward normalisation", "mtrl_hpc",
+                                      ["agent.actor.log_std_bounds=[-5,2]", "agent.optimizers.actor.max_grad_norm=1.0",
+                                       "agent.optimizers.critic.max_grad_norm=1.0",
+                                       "env.builder.make_kwargs.should_perform_reward_normalization=true"]),
     "B_plain": ("plain SAC: log_std [-5, 2], PyTorch default init, alpha loss", "plain", []),
     "D_plain_std20": ("plain, log_std [-20, 2]", "plain", ["--log-std-min", "-20"]),
     "E_plain_std20_orth": ("plain, log_std [-20, 2] + orthogonal init", "plain", ["--log-std-min", "-20", "--init", "orthogonal"]),

@@ -194,8 +194,10 @@ class Experiment:
                 obs = result.obs
 
                 if step >= cfg.init_steps:
-                    for _ in range(cfg.num_updates_per_step):
-                        metrics = self.agent.update(self.replay.sample(batch_size), step)
+                    for k in range(cfg.num_updates_per_step):
+                        # SAC's update frequencies count gradient updates, not env steps.
+                        update_index = (step - cfg.init_steps) * cfg.num_updates_per_step + k
+                        metrics = self.agent.update(self.replay.sample(batch_size), update_index)
                         for k, v in metrics.items():
                             update_sums[k] = update_sums[k] + v if k in update_sums else v.clone()
                             update_counts[k] = update_counts.get(k, 0) + 1

@@ -113,3 +113,22 @@ def test_checkpoints_fall_on_the_first_boundary_after_each_multiple_of_save_freq
     train(tmp_path, "experiment.save.freq=25", "experiment.save.model.retain_last_n=-1")
     steps = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*.h5"))
     assert steps == [30, 50, 60]
+
+
+def test_update_frequencies_count_updates_not_env_steps(tmp_path, monkeypatch):
+    # Two updates per env step and actor_update_freq=2: one of the two updates of every env step updates the
+    # actor (counting env steps instead would give both updates of every second step).
+    from mtrl_hpc.agents.sac import SACAgent
+    calls = []
+    original = SACAgent.update
+
+    def spy(self, batch, step):
+        metrics = original(self, batch, step)
+        calls.append("actor_loss" in metrics)
+        return metrics
+
+    monkeypatch.setattr(SACAgent, "update", spy)
+    train(tmp_path, "experiment.num_updates_per_step=2", "agent.builder.actor_update_freq=2",
+          "experiment.num_train_steps=30")
+    assert len(calls) == 2 * (30 - 20)
+    assert calls == [True, False] * 10

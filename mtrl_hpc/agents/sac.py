@@ -125,7 +125,11 @@ class SACAgent(nn.Module):
 
     # ---- learning ----
     def update(self, batch, step: int) -> dict[str, torch.Tensor]:
-        """One SAC update on a batch grouped by task; returns detached device tensors."""
+        """One SAC update; returns detached device tensors.
+
+        step: the number of updates made before this one. The actor and temperature are updated when
+        step % actor_update_freq == 0, the targets when step % critic_target_update_freq == 0 (SAC's
+        frequencies count gradient updates, so they mean the same with several updates per env step)."""
         T = self.num_tasks
         task_ids = batch.task_ids
         metrics = {}
