@@ -4,9 +4,11 @@ Each variant changes one thing against mtrl_hpc with mtrl's settings or against 
 (benchmarks/plain_sac.py). Runs go two at a time (one CPU thread each) into --runs-dir; a variant whose result
 is already there is not run again, so the study can be done in pieces. Then it prints the markdown table of
 docs/learning.md: eval success (10 episodes) at each evaluation, and the critic loss, entropy and temperature
-averaged over the last 5k steps.
+averaged over the last 5k steps. Runs continued past 30k (e.g. by benchmarks/bench_learning.py, which uses the
+same layout) show their later evaluations too.
 
-    python benchmarks/learning_study.py [--runs-dir runs/learning_study] [--seeds 1 2 3] [--only A C] [--table-only]
+    python benchmarks/learning_study.py [--runs-dir runs/learning_study] [--seeds 1 2 3] [--only A C] [--steps 30000]
+                                        [--table-only]
 """
 
 import argparse
@@ -22,7 +24,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 30000
 MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1", "agent.actor.hidden_dim=256",
-            "replay_buffer.batch_size=256", f"experiment.num_train_steps={STEPS}", "experiment.init_steps=5000",
+            "replay_buffer.batch_size=256", "experiment.init_steps=5000",
             "experiment.eval_freq=5000", "experiment.num_eval_episodes=10", "setup.num_threads=1", "setup.device=cpu",
             "logger.progress_bar=false", "experiment.save.freq=10000", "experiment.critic_loss_ceiling=null",
             # mtrl's settings, pinned so that each variant states all it changes whatever the defaults are
@@ -64,15 +66,15 @@ def result_path(runs_dir: pathlib.Path, vid: str, seed: int) -> pathlib.Path:
     return runs_dir / vid / f"s{seed}" / "metrics.h5" if kind == "mtrl_hpc" else runs_dir / f"{vid}_s{seed}.jsonl"
 
 
-def run(runs_dir: pathlib.Path, vid: str, seed: int) -> int:
+def run(runs_dir: pathlib.Path, vid: str, seed: int, steps: int) -> int:
     _, kind, extra = VARIANTS[vid]
-    if kind == "mtrl_hpc":
-        cmd = [sys.executable, "-m", "mtrl_hpc.main", *MTRL_HPC, *extra, f"setup.seed={seed}",
-               f"hydra.run.dir={runs_dir / vid / f's{seed}'}"]
+    if kind == "mtrl_hpc":  # an unfinished run resumes from its checkpoints
+        cmd = [sys.executable, "-m", "mtrl_hpc.main", *MTRL_HPC, *extra, f"experiment.num_train_steps={steps}",
+               f"setup.seed={seed}", f"hydra.run.dir={runs_dir / vid / f's{seed}'}"]
     else:
-        cmd = [sys.executable, "benchmarks/plain_sac.py", "--steps", str(STEPS), *extra, "--seed", str(seed),
+        cmd = [sys.executable, "benchmarks/plain_sac.py", "--steps", str(steps), *extra, "--seed", str(seed),
                "--out", str(result_path(runs_dir, vid, seed))]
-    with open(runs_dir / f"{vid}_s{seed}.log", "w") as log:
+    with open(runs_dir / f"{vid}_s{seed}.log", "a") as log:
         return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
@@ -97,12 +99,14 @@ def read(runs_dir: pathlib.Path, vid: str, seed: int) -> dict | None:
 
 
 def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str]) -> str:
-    evals = list(range(5000, STEPS + 1, 5000))
+    results = {(v, s): read(runs_dir, v, s) for v in only for s in seeds}
+    last = max([STEPS] + [max(r) for r in results.values() if r])  # runs continued past STEPS show their evals too
+    evals = list(range(5000, last + 1, 5000))
     lines = ["| variant | seed | " + " | ".join(f"{s // 1000}k" for s in evals) + " | critic loss | entropy | alpha |",
              "|---|---|" + "---|" * (len(evals) + 3)]
     for vid in only:
         for seed in seeds:
-            r = read(runs_dir, vid, seed)
+            r = results[vid, seed]
             if r is None:
                 continue
             last = r[max(r)]
@@ -116,6 +120,7 @@ def main() -> int:
     p.add_argument("--runs-dir", type=pathlib.Path, default=ROOT / "runs" / "learning_study")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--only", nargs="+", default=None, help="variant ids or their letters (default: all)")
+    p.add_argument("--steps", type=int, default=STEPS, help="env steps per run (mtrl_hpc runs resume to a longer length)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
     args = p.parse_args()
@@ -123,18 +128,18 @@ def main() -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     only = [v for v in VARIANTS if args.only is None or v in args.only or v[0] in args.only]
     if not args.table_only:
-        todo = [(v, s) for v in only for s in args.seeds if not finished(runs_dir, v, s)]
+        todo = [(v, s) for v in only for s in args.seeds if not finished(runs_dir, v, s, args.steps)]
         with ThreadPoolExecutor(args.workers) as pool:
-            for (v, s), status in zip(todo, pool.map(lambda vs: run(runs_dir, *vs), todo)):
+            for (v, s), status in zip(todo, pool.map(lambda vs: run(runs_dir, *vs, args.steps), todo)):
                 if status != 0:
                     print(f"{v} seed {s}: exited with status {status} (see {runs_dir / f'{v}_s{s}.log'})")
     print(table(runs_dir, args.seeds, only))
     return 0
 
 
-def finished(runs_dir: pathlib.Path, vid: str, seed: int) -> bool:
+def finished(runs_dir: pathlib.Path, vid: str, seed: int, steps: int) -> bool:
     r = read(runs_dir, vid, seed)
-    return r is not None and STEPS in r
+    return r is not None and max(r) >= steps
 
 
 if __name__ == "__main__":
