@@ -1,5 +1,7 @@
 """Checks of a composed config, run before anything is built: one clear line per problem."""
 
+import difflib
+
 import torch
 
 from mtrl_hpc.agents import AGENTS
@@ -49,6 +51,8 @@ def check_config(cfg) -> list[str]:
     need(isinstance(exp.save.freq, int) and exp.save.freq >= 0,
          f"experiment.save.freq={exp.save.freq} must be an integer >= 0 (0: no periodic checkpoints)")
 
+    if env.name == "metaworld-mt1":
+        problems.extend(_check_mt1_task(env.task_name))
     need(mt.num_envs == env.num_envs,
          f"agent.multitask.num_envs={mt.num_envs} but env={env.name} has {env.num_envs} tasks; set agent.multitask.num_envs={env.num_envs}")
     need(agent.name in AGENTS, f"agent.name={agent.name!r} is not available; choose one of {', '.join(AGENTS)}")
@@ -93,6 +97,16 @@ def check_config(cfg) -> list[str]:
              "agent.multitask.should_use_multi_head_policy=True (each head takes an equal share of rows)")
     need(rb.capacity >= env.num_envs, f"replay_buffer.capacity={rb.capacity} must hold at least one transition per task")
     return problems
+
+
+def _check_mt1_task(task_name) -> list[str]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # imports MuJoCo: only for MT1 configs
+
+    if task_name in ALL_V3_ENVIRONMENTS:
+        return []
+    close = difflib.get_close_matches(str(task_name), list(ALL_V3_ENVIRONMENTS), n=1, cutoff=0.5)
+    hint = f"did you mean env.task_name={close[0]}?" if close else f"choose one of {', '.join(sorted(ALL_V3_ENVIRONMENTS))}"
+    return [f"env.task_name={task_name!r} is not a MetaWorld v3 task; {hint}"]
 
 
 def validate(cfg) -> None:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = (
     "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version",
     "env.builder.make_kwargs.should_perform_reward_normalization", "agent.name",
-    "agent.actor", "agent.critic", "agent.encoder.type_to_select", "agent.multitask", "replay_buffer.capacity",
+    "agent.actor", "agent.critic", "agent.encoder", "agent.encoder_feature_dim", "agent.multitask", "replay_buffer.capacity",
     "replay_buffer.obs_dtype", "setup.seed",
 )
 

@@ -136,6 +136,17 @@ def test_resume_with_other_network_shape_names_the_difference(tmp_path):
     assert "Traceback" not in err
 
 
+def test_resume_with_other_encoder_size_names_the_key_and_other_compile_resumes(tmp_path):
+    enc = "agent.encoder.type_to_select=feedforward"
+    status, out, err = finish(start(tmp_path, enc, "experiment.num_train_steps=20"))
+    assert status == 0, err[-3000:]
+    status, out, err = finish(start(tmp_path, enc, "experiment.num_train_steps=40", "agent.encoder.feedforward.hidden_dim=24"))
+    assert status == 2 and "agent.encoder" in err and "Traceback" not in err
+    # agent.compile does not change the state: the run continues (compiled networks are not run before step 20).
+    status, out, err = finish(start(tmp_path, enc, "experiment.num_train_steps=20", "agent.compile=true"))
+    assert status == 0, err[-3000:]
+
+
 def test_finished_run_resumed_again_does_nothing_more(tmp_path):
     status, _, err = finish(start(tmp_path, "experiment.num_train_steps=20"))
     assert status == 0, err[-3000:]

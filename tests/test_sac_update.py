@@ -227,3 +227,18 @@ def test_gradient_clipping_changes_the_update():
     # exp_avg after one step is (1 - beta1) * grad: the clipped gradient has total norm <= 1e-3.
     assert clipped.norm() / 0.1 <= 1e-3 + 1e-9
     assert free.norm() / 0.1 > 1e-2
+
+
+@pytest.mark.parametrize("saved, loaded", [(False, True), (True, False)])
+def test_training_state_does_not_depend_on_compile(saved, loaded):
+    # torch.compile wraps modules (keys gain "_orig_mod."); a run may resume with agent.compile changed.
+    torch.manual_seed(0)
+    a = SACAgent(agent_cfg(f"agent.compile={saved}"), OBS, ACT, T, "cpu")
+    torch.manual_seed(1)
+    b = SACAgent(agent_cfg(f"agent.compile={loaded}"), OBS, ACT, T, "cpu")
+    state = a.training_state()
+    assert not any("_orig_mod" in k for k in state["modules"])
+    b.load_training_state(state)
+    for (ka, va), (kb, vb) in zip(sorted(a.training_state()["modules"].items()), sorted(b.training_state()["modules"].items())):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0)

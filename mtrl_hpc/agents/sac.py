@@ -210,15 +210,21 @@ class SACAgent(nn.Module):
 
     def training_state(self) -> dict:
         """Networks, targets, log_alpha, task encoder and optimizer states, as a tree of tensors and plain data."""
+        # Keys without torch.compile's "_orig_mod." wrapper: a checkpoint resumes with or without agent.compile.
         return {
-            "modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "modules": {_plain_key(k): v.detach().clone() for k, v in self.state_dict().items()},
             "optimizers": {name: _optimizer_state(opt) for name, opt in self.optimizers().items()},
         }
 
     def load_training_state(self, state: dict) -> None:
-        self.load_state_dict(state["modules"])
+        own = {_plain_key(k): k for k in self.state_dict()}
+        self.load_state_dict({own.get(k, k): v for k, v in state["modules"].items()})
         for name, opt in self.optimizers().items():
             opt.load_state_dict(_optimizer_state_from_tree(state["optimizers"][name]))
+
+
+def _plain_key(key: str) -> str:
+    return key.replace("_orig_mod.", "")
 
 
 def _max_grad_norm(optimizer_cfg) -> float | None:
