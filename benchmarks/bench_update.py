@@ -117,8 +117,10 @@ class EagerSAC:
 def make_batch():
     g = torch.Generator().manual_seed(0)
     task_ids = torch.arange(T).repeat_interleave(B // T)
+    counts = torch.full((T,), B // T, dtype=torch.int64)  # the sampler's plan, as replay.sample() gives it
     return Batch(torch.randn(B, OBS, generator=g), torch.rand(B, ACT, generator=g) * 2 - 1, torch.randn(B, 1, generator=g),
-                 torch.randn(B, OBS, generator=g), torch.ones(B, 1), task_ids, torch.zeros(B, dtype=torch.int64))
+                 torch.randn(B, OBS, generator=g), torch.ones(B, 1), task_ids, torch.zeros(B, dtype=torch.int64),
+                 counts, torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
 
 
 def make_ours(multi_head, compile_=False):

@@ -91,10 +91,6 @@ def check_config(cfg) -> list[str]:
     need(rb.obs_dtype in OBS_DTYPES, f"replay_buffer.obs_dtype={rb.obs_dtype!r}; choose one of {', '.join(OBS_DTYPES)}")
     need(rb.batch_size >= env.num_envs,
          f"replay_buffer.batch_size={rb.batch_size} is smaller than the {env.num_envs} tasks: every task needs a share of each batch")
-    if mt.should_use_multi_head_policy:
-        need(rb.batch_size % env.num_envs == 0,
-             f"replay_buffer.batch_size={rb.batch_size} must be a multiple of the {env.num_envs} tasks with "
-             "agent.multitask.should_use_multi_head_policy=True (each head takes an equal share of rows)")
     need(rb.capacity >= env.num_envs, f"replay_buffer.capacity={rb.capacity} must hold at least one transition per task")
     return problems
 

@@ -84,6 +84,14 @@ class Batch(NamedTuple):
     not_done: torch.Tensor  # [B, 1] float32 (0 where the episode terminated)
     task_ids: torch.Tensor  # [B] int64, ascending
     indices: torch.Tensor  # [B] int64, row within the task's storage
+    # How the sampler split the batch: rows per task (CPU int64 [T]) and their cumulative offsets (device int64
+    # [T + 1]). None for batches built by hand; per-task layers then count the task ids themselves.
+    task_counts: torch.Tensor | None = None
+    task_offsets: torch.Tensor | None = None
+
+    def sampled(self) -> tuple[torch.Tensor, ...]:
+        """The seven tensors the sample op writes (obs .. indices), in its argument order."""
+        return tuple(self[:7])
 
 
 def _signed64(x: int) -> int:
@@ -174,7 +182,7 @@ class ReplayBuffer:
         self._on_cpu = dev.type == "cpu"
         self._added_host = self.added.numpy() if self._on_cpu else np.zeros(T, dtype=np.int64)
         self._outputs: dict[int, Batch] = {}  # per batch size; sample() refills and returns the same tensors
-        self._offsets: dict[tuple, torch.Tensor] = {}
+        self._offsets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # equal-share plans by (batch, start)
         self._eligible = np.zeros(0, dtype=np.int64)  # tasks holding data, ascending
         # Direct entries of torch.ops.mtrl_hpc.replay_add/replay_sample (csrc/bindings.cpp): same kernels,
         # without torch.ops' per-call argument parsing.
@@ -250,26 +258,26 @@ class ReplayBuffer:
         # Pageable host memory is staged at once by a non-blocking copy: no wait for the device.
         return torch.from_numpy(offsets).to(self.device, non_blocking=True)
 
-    def _equal_offsets(self, batch_size: int) -> torch.Tensor:
+    def _equal_plan(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows per task, CPU int64 [T]; their cumulative offsets on the device, [T + 1]) of an equal-share batch."""
         n = len(self._eligible)
         if n == 0:
             raise ValueError("sample(): no task has data yet; add transitions before sampling")
         rem = batch_size % n
         start = (self.sample_counter * rem) % n if rem else 0
         key = (batch_size, start)
-        offsets = self._offsets.get(key)
-        if offsets is None:
+        plan = self._offsets.get(key)
+        if plan is None:
             counts = np.zeros(self.num_tasks, dtype=np.int64)
             counts[self._eligible] = batch_size // n
             counts[self._eligible[(start + np.arange(rem)) % n]] += 1
-            offsets = self._offsets[key] = self._offsets_tensor(counts)
-        return offsets
+            plan = self._offsets[key] = (torch.from_numpy(counts), self._offsets_tensor(counts))
+        return plan
 
     def task_counts(self, batch_size: int, task_weights=None) -> np.ndarray:
         """Rows per task that the next ``sample(batch_size, task_weights)`` call will draw (host int64)."""
         if task_weights is None:
-            offsets = self._equal_offsets(batch_size).cpu().numpy()
-            return np.diff(offsets)
+            return self._equal_plan(batch_size)[0].numpy().copy()
         return self._weighted_counts(batch_size, task_weights)
 
     def _weighted_counts(self, batch_size: int, task_weights) -> np.ndarray:
@@ -308,12 +316,14 @@ class ReplayBuffer:
         if batch_size <= 0:
             raise ValueError(f"sample(): batch_size must be a positive int, got {batch_size!r}")
         if task_weights is None:
-            offsets = self._equal_offsets(batch_size)
+            counts, offsets = self._equal_plan(batch_size)
         else:
-            offsets = self._offsets_tensor(self._weighted_counts(batch_size, task_weights))
+            weighted = self._weighted_counts(batch_size, task_weights)
+            counts, offsets = torch.from_numpy(weighted), self._offsets_tensor(weighted)
         out = self._outputs_for(batch_size)
         self._sample_op(self.obs, self.action, self.reward, self.next_obs, self.not_done, self.added, offsets,
-                        _signed64(self.seed), _signed64(self.sample_counter), *out)
+                        _signed64(self.seed), _signed64(self.sample_counter), *out.sampled())
+        out = out._replace(task_counts=counts, task_offsets=offsets)
         self.sample_counter += 1
         return out
 

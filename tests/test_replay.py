@@ -111,7 +111,7 @@ def check_batch_matches_storage(rb, batch):
 
 
 def clone_batch(b):
-    return Batch(*(x.clone() for x in b))
+    return Batch(*(None if x is None else x.clone() for x in b))
 
 
 # ----------------------------------------------------------------------------- Philox
@@ -228,11 +228,11 @@ def test_sample_split_over_threads_matches_python_reference(weights):
 def test_direct_entry_and_torch_ops_draw_the_same_rows():
     a, b = filled(seed=5), filled(seed=5)
     x = clone_batch(a.sample(40))  # ReplayBuffer calls the direct entries of csrc/bindings.cpp
-    out = [torch.empty_like(v) for v in x]
-    offsets = b._equal_offsets(40)  # b has not sampled yet: the offsets of call number 0
+    out = [torch.empty_like(v) for v in x.sampled()]
+    offsets = b._equal_plan(40)[1]  # b has not sampled yet: the offsets of call number 0
     torch.ops.mtrl_hpc.replay_sample(b.obs, b.action, b.reward, b.next_obs, b.not_done, b.added, offsets, b.seed, 0,
                                      *out)
-    assert all(torch.equal(u, v) for u, v in zip(x, out))
+    assert all(torch.equal(u, v) for u, v in zip(x.sampled(), out))
 
 
 @pytest.mark.parametrize("obs_dtype", [torch.float32, torch.float16])
@@ -257,7 +257,7 @@ def test_record_views_and_separate_tensors_give_the_same_results(obs_dtype):
     for view, mine in zip(views, own):
         assert torch.equal(view, mine)
     offsets = torch.tensor([0, 7, 9, 20])
-    out_views = [torch.empty_like(x) for x in rb._outputs_for(20)]
+    out_views = [torch.empty_like(x) for x in rb._outputs_for(20).sampled()]
     out_own = [torch.empty_like(x) for x in out_views]
     torch.ops.mtrl_hpc.replay_sample(*views, offsets, 9, 4, *out_views)
     _C.replay_sample(*own, offsets, 9, 4, *out_own)
@@ -602,7 +602,7 @@ def test_add_errors_name_the_argument():
 
 def test_sample_op_errors_name_the_argument():
     rb = filled(T=2, C=4)
-    out = list(rb._outputs_for(4))
+    out = list(rb._outputs_for(4).sampled())
     offsets = torch.tensor([0, 2, 4])
     store = [rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added]
     op = torch.ops.mtrl_hpc.replay_sample
@@ -643,7 +643,7 @@ def test_constructor_errors():
 # ----------------------------------------------------------------------------- torch.library
 def test_opcheck_and_compile():
     rb = filled(T=2, C=4)
-    out = list(rb._outputs_for(4))
+    out = list(rb._outputs_for(4).sampled())
     offsets = torch.tensor([0, 2, 4])
     torch.library.opcheck(torch.ops.mtrl_hpc.replay_sample.default,
                           (rb.obs, rb.action, rb.reward, rb.next_obs, rb.not_done, rb.added, offsets, 1, 2, *out))
@@ -710,3 +710,14 @@ def test_replay_benchmark_runs_and_reports_its_targets():
                 "gather rate of sample", "add one env step", "memory per transition, float16 obs"):
         assert row in proc.stdout
     assert ("targets: all met" in proc.stdout) == (proc.returncode == 0)
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.0, 3.0]])
+def test_batch_carries_the_sampling_plan(weights):
+    # Per-task layers route rows with the plan the sampler made on the host: it must describe the batch.
+    rb = filled(T=3)
+    for _ in range(3):
+        batch = rb.sample(11, task_weights=weights)
+        counts = torch.bincount(batch.task_ids, minlength=3)
+        assert batch.task_counts.device.type == "cpu" and torch.equal(batch.task_counts, counts)
+        assert torch.equal(batch.task_offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))

@@ -187,6 +187,7 @@ VARIANTS = {
     "disentangled_alpha": (["agent.multitask.should_use_disentangled_alpha=True"], EQUAL),
     "multi_head": (["agent.multitask.should_use_multi_head_policy=True",
                     "agent.multitask.should_use_disentangled_alpha=True", *NO_TASK_INFO], EQUAL),
+    "multi_head_unequal": (["agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], UNEQUAL),
     "clipped_delayed_unequal": (["agent.multitask.should_use_disentangled_alpha=True",
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
                                  "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",

@@ -16,6 +16,7 @@ from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
 from mtrl_hpc.nets.mlp import init_weights
+from mtrl_hpc.nets.routing import TaskRouting
 from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder
 
 OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
@@ -56,6 +57,7 @@ class SACAgent(nn.Module):
         self.actor_uses_task = _uses_task_info(mt.actor_cfg)
         self.critic_uses_task = _uses_task_info(mt.critic_cfg)
         head_layers = int(mt.multi_head_policy_cfg.num_layers) if mt.should_use_multi_head_policy else None
+        self.multi_head = head_layers is not None
 
         if mt.should_use_task_encoder:
             m = mt.task_encoder_cfg.model_cfg
@@ -117,7 +119,8 @@ class SACAgent(nn.Module):
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
         """Actions for one row per task ([tasks, obs_dim] -> [tasks, action_dim]), grouped by task."""
         x = self._inputs(self.encoder(obs), self.task_encoder(task_ids), self.actor_uses_task)
-        return self.actor.act(x, sample)
+        routing = TaskRouting.one_row_per_task(task_ids, self.num_tasks) if self.multi_head else None
+        return self.actor.act(x, sample, routing)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -132,18 +135,22 @@ class SACAgent(nn.Module):
         frequencies count gradient updates, so they mean the same with several updates per env step)."""
         T = self.num_tasks
         task_ids = batch.task_ids
+        # Per-task heads find each row's task by id (any batch layout); one routing serves every network.
+        routing = TaskRouting.from_batch(batch, T) if self.multi_head else None
         metrics = {}
 
         # Critic: Bellman target with the per-task entropy bonus.
         with torch.no_grad():
             next_features = self.encoder(batch.next_obs)
             next_task = self.task_encoder(task_ids)
-            next_action, next_log_prob, _ = self.actor(self._inputs(next_features, next_task, self.actor_uses_task))
+            next_action, next_log_prob, _ = self.actor(self._inputs(next_features, next_task, self.actor_uses_task), routing)
             target_features = self.encoder_target(batch.next_obs)
-            tq1, tq2 = self.critic_target(self._inputs(target_features, next_task, self.critic_uses_task), next_action)
+            tq1, tq2 = self.critic_target(self._inputs(target_features, next_task, self.critic_uses_task), next_action,
+                                          routing)
             target_q = torch.minimum(tq1, tq2)
         features = self.encoder(batch.obs)
-        q1, q2 = self.critic(self._inputs(features, self._task(task_ids, "critic"), self.critic_uses_task), batch.action)
+        q1, q2 = self.critic(self._inputs(features, self._task(task_ids, "critic"), self.critic_uses_task), batch.action,
+                             routing)
         critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
                                            self.log_alpha, task_ids, self.discount, T)
         critic_loss = critic_losses.mean()
@@ -153,7 +160,7 @@ class SACAgent(nn.Module):
         metrics["batch_reward"] = batch.reward.mean()
 
         if step % self.actor_update_freq == 0:
-            metrics.update(self._update_actor_and_alpha(features.detach(), task_ids))
+            metrics.update(self._update_actor_and_alpha(features.detach(), task_ids, routing))
         if step % self.critic_target_update_freq == 0:
             self._soft_update_targets()
         return metrics
@@ -177,14 +184,14 @@ class SACAgent(nn.Module):
         if self._encoder_pairs[0]:
             torch._foreach_lerp_(*self._encoder_pairs, self.encoder_tau)
 
-    def _update_actor_and_alpha(self, features: torch.Tensor, task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _update_actor_and_alpha(self, features: torch.Tensor, task_ids: torch.Tensor, routing) -> dict[str, torch.Tensor]:
         T = self.num_tasks
         task = self._task(task_ids, "actor")
-        action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task))
+        action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task), routing)
         # The critic only scores the actor's actions here: no gradients for its weights.
         for p in self._critic_params:
             p.requires_grad_(False)
-        q1, q2 = self.critic(self._inputs(features, task.detach(), self.critic_uses_task), action)
+        q1, q2 = self.critic(self._inputs(features, task.detach(), self.critic_uses_task), action, routing)
         for p in self._critic_params:
             p.requires_grad_(True)
         actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T)

@@ -12,7 +12,7 @@ class TwinCritic(nn.Module):
         super().__init__()
         self.model = StackedMLP(2, in_dim + action_dim, hidden_dim, 1, num_layers, num_tasks, head_layers)
 
-    def forward(self, x: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, action: torch.Tensor, routing=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1 and Q2, each [rows]."""
-        q = self.model(torch.cat([x, action], dim=-1))
+        q = self.model(torch.cat([x, action], dim=-1), routing)
         return q[0, :, 0], q[1, :, 0]

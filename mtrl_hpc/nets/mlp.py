@@ -2,16 +2,18 @@
 
 A `StackedMLP` holds `members` independent copies of the same MLP (1 for an actor, 2 for twin critics) as
 stacked weights, so all copies run in one batched matmul per layer. With per-task heads (MT-MH-SAC), the
-last layers are stacked once more per task: rows must arrive grouped by task in equal shares (the replay
-buffer samples that way; acting and evaluation give one row per task), so each head multiplies only its own
-task's rows: [members * tasks, rows_per_task, features] @ [members * tasks, features, out]. mtrl instead ran
-every head on every row and masked the result, discarding (tasks - 1) / tasks of the head compute.
+last layers are stacked once more per task, and a `TaskRouting` (mtrl_hpc.nets.routing) takes each row to its
+own task's head by task id: [members * tasks, rows of a task, features] @ [members * tasks, features, out].
+mtrl instead ran every head on every row and masked the result, discarding (tasks - 1) / tasks of the head
+compute.
 """
 
 import math
 
 import torch
 from torch import nn
+
+from mtrl_hpc.nets.routing import TaskRouting
 
 # orthogonal: mtrl's init (nn.init.orthogonal_ on each [out, in] weight, zero biases).
 # pytorch_default: nn.Linear's own, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
@@ -83,8 +85,10 @@ class StackedMLP(nn.Module):
         heads = _layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
         self.heads = nn.ModuleList(StackedLinear(members * num_tasks, i, o) for i, o in heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [rows, in] (the same input for every member) or [members, rows, in] -> [members, rows, out]."""
+    def forward(self, x: torch.Tensor, routing: TaskRouting | None = None) -> torch.Tensor:
+        """x: [rows, in] (the same input for every member) or [members, rows, in] -> [members, rows, out].
+
+        routing: where each row's task head is; needed with per-task heads, ignored without."""
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, -1, -1)
         for i, layer in enumerate(self.trunk):
@@ -93,16 +97,12 @@ class StackedMLP(nn.Module):
                 x = torch.relu_(x)  # in place: baddbmm's backward does not need its output
         if not self.multi_head:
             return x
-        members, rows, features = x.shape
-        if rows % self.num_tasks != 0:
-            raise ValueError(
-                f"multi-head networks need rows grouped by task in equal shares: got {rows} rows for "
-                f"{self.num_tasks} tasks (make replay_buffer.batch_size a multiple of the number of tasks)"
-            )
-        x = x.reshape(members * self.num_tasks, rows // self.num_tasks, features)
+        if routing is None:
+            raise ValueError("a multi-head network needs the batch's task routing (TaskRouting) to pick each row's head")
+        x = routing.to_tasks(x)
         for i, layer in enumerate(self.heads):
             x = layer(x)
             if i < len(self.heads) - 1:
                 x = torch.relu_(x)
-        return x.reshape(members, rows, -1)
+        return routing.to_rows(x, self.members)
 

@@ -1,0 +1,75 @@
+"""Per-task heads reach rows by task id: a multi-head StackedMLP equals T separate plain MLPs, each applied to its
+own task's rows one row at a time, for any batch layout; TaskRouting's two paths agree."""
+
+import pytest
+import torch
+
+from mtrl_hpc.nets.mlp import StackedMLP
+from mtrl_hpc.nets.routing import TaskRouting
+
+T, IN, H, OUT, MEMBERS = 4, 6, 8, 3, 2
+
+
+def plain_mlp_of(net, member, task):
+    """The member's trunk and the task's head, as a list of (W [in, out], b [out]) read from the stacked weights."""
+    layers = [(l.weight[member], l.bias[member, 0]) for l in net.trunk]
+    layers += [(l.weight[member * T + task], l.bias[member * T + task, 0]) for l in net.heads]
+    return layers
+
+
+def apply_plain(layers, row):
+    x = row
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i < len(layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
+LAYOUTS = {
+    "equal_grouped": torch.arange(T).repeat_interleave(3),
+    "unequal_grouped": torch.tensor([0, 0, 0, 0, 0, 1, 2, 2, 3]),
+    "missing_task": torch.tensor([0, 0, 2, 2, 2, 3]),
+    "shuffled": torch.tensor([3, 1, 0, 3, 2, 1, 1, 0, 3, 2]),
+}
+
+
+# Counts and offsets (what a replay batch carries) describe grouped batches; bare task ids work for any order.
+CASES = [(layout, counts) for layout in sorted(LAYOUTS) for counts in (True, False) if not (counts and layout == "shuffled")]
+
+
+@pytest.mark.parametrize("layout, with_counts", CASES)
+def test_multi_head_equals_separate_mlps_row_by_row(layout, with_counts):
+    task_ids = LAYOUTS[layout]
+    torch.manual_seed(0)
+    net = StackedMLP(MEMBERS, IN, H, OUT, num_layers=2, num_tasks=T, head_layers=1).double()
+    x = torch.randn(task_ids.numel(), IN, dtype=torch.float64, requires_grad=True)
+    if with_counts:
+        counts = torch.bincount(task_ids, minlength=T)
+        routing = TaskRouting(task_ids, T, counts.tolist(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    else:
+        routing = TaskRouting(task_ids, T)
+    out = net(x, routing)
+    ref = torch.stack([torch.stack([apply_plain(plain_mlp_of(net, m, int(t)), x[r]) for r, t in enumerate(task_ids)])
+                       for m in range(MEMBERS)])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # Gradients too: each head's weights get only its own task's rows.
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [x, net.heads[0].weight])
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x, net.heads[0].weight])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    missing = [t for t in range(T) if t not in task_ids.tolist()]
+    for t in missing:
+        assert not grads[1][[m * T + t for m in range(MEMBERS)]].any()
+
+
+def test_routing_refuses_counts_that_do_not_fit():
+    ids = torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match="sum to 4, the batch has 3 rows"):
+        TaskRouting(ids, 2, [2, 2], torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="3 task counts for 2 tasks"):
+        TaskRouting(ids, 2, [1, 1, 1], torch.tensor([0, 1, 2, 3]))
+    net = StackedMLP(1, 2, 4, 1, num_layers=1, num_tasks=2, head_layers=0)
+    with pytest.raises(ValueError, match="needs the batch's task routing"):
+        net(torch.zeros(3, 2))
