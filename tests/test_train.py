@@ -57,6 +57,8 @@ def test_mtrl_doc_command_trains_and_writes_per_task_metrics(tmp_path, name):
     ["agent.multitask.should_use_task_encoder=True", "agent.multitask.actor_cfg.should_condition_model_on_task_info=True"],
     ["replay_buffer.obs_dtype=bfloat16", "agent.builder.actor_update_freq=2", "agent.builder.critic_target_update_freq=2"],
     ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.should_use_multi_head_policy=True"],
+    # 45 rows for 10 task heads: the sampler splits 5/4, the heads find their rows by task id
+    ["agent.multitask.should_use_multi_head_policy=True", "replay_buffer.batch_size=45"],
 ])
 def test_agent_variants_train(tmp_path, extra):
     m = train(tmp_path, *extra)
