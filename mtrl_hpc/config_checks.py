@@ -48,6 +48,9 @@ def check_config(cfg) -> list[str]:
          f"experiment.save.model.retain_last_n={exp.save.model.retain_last_n} must be -1 (all), 0 (none) or a positive count")
     need(isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1,
          f"env.max_episode_steps={env.max_episode_steps} must be an integer >= 1")
+    ceiling = exp.critic_loss_ceiling
+    need(ceiling is None or (isinstance(ceiling, (int, float)) and not isinstance(ceiling, bool) and ceiling > 0),
+         f"experiment.critic_loss_ceiling={ceiling} must be a number > 0, or null for no ceiling")
     need(isinstance(exp.save.freq, int) and exp.save.freq >= 0,
          f"experiment.save.freq={exp.save.freq} must be an integer >= 0 (0: no periodic checkpoints)")
 

@@ -81,6 +81,7 @@ def test_defaults_follow_mtrl():
     (["replay_buffer.obs_dtype=int8"], "replay_buffer.obs_dtype='int8'"),
     (["agent.optimizers.actor._target_=os.system"], "agent.optimizers.actor._target_='os.system' is not available"),
     (["env=metaworld-mt1", "env.task_name=reach-v2"], "env.task_name='reach-v2' is not a MetaWorld v3 task; did you mean env.task_name=reach-v3?"),
+    (["experiment.critic_loss_ceiling=-1"], "experiment.critic_loss_ceiling=-1 must be a number > 0, or null"),
     (["agent.optimizers.critic.max_grad_norm=0"], "agent.optimizers.critic.max_grad_norm=0 must be a number > 0, or null"),
     (["agent.optimizers.alpha.max_grad_norm=true"], "agent.optimizers.alpha.max_grad_norm=True must be a number > 0"),
     (["agent.builder.weight_init=xavier"], "agent.builder.weight_init='xavier' is not available; choose one of orthogonal, pytorch_default"),
