@@ -9,6 +9,7 @@ same layout) show their later evaluations too.
 
     python benchmarks/learning_study.py [--runs-dir runs/learning_study] [--seeds 1 2 3] [--only A C] [--steps 30000]
                                         [--table-only]
+    python benchmarks/learning_study.py --initial-entropy   # the untrained actor's entropy per log-std bounds and init
 """
 
 import argparse
@@ -118,6 +119,41 @@ def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str]) -> str:
     return "\n".join(lines)
 
 
+def initial_entropy() -> str:
+    """The untrained actor's log std and entropy on states of random reach-v3 episodes, per bounds and init."""
+    import torch
+
+    from mtrl_hpc.envs import make_env
+    from mtrl_hpc.nets.actor import Actor
+    from mtrl_hpc.nets.mlp import init_weights
+
+    torch.set_num_threads(1)
+    env = make_env("metaworld-mt1", seed=1, mode="train", task_name="reach-v3")
+    rng = np.random.default_rng(0)
+    states = []
+    for _ in range(4):
+        states.append(env.reset())
+        for _ in range(250):
+            states.append(env.step(rng.uniform(-1, 1, size=(1, 4))).obs)
+    x = torch.as_tensor(np.concatenate(states))
+    x = torch.cat([x, torch.ones(len(x), 1)], -1)  # the MT1 one-hot task id
+    lines = ["| log_std bounds | init | mean log std | entropy (target -4) |", "|---|---|---|---|"]
+    for bounds in ((-20.0, 2.0), (-5.0, 2.0)):
+        for init in ("orthogonal", "pytorch_default"):
+            log_stds, entropies = [], []
+            for seed in range(3):
+                torch.manual_seed(seed)
+                actor = Actor(40, 4, 256, 3, bounds, 1, None)
+                if init != "orthogonal":
+                    init_weights(actor, init)
+                with torch.no_grad():
+                    log_stds.append(actor.distribution(x)[1].mean().item())
+                    entropies.append(-actor(x)[1].mean().item())
+            lines.append(f"| [{bounds[0]:g}, {bounds[1]:g}] | {init} | {np.mean(log_stds):.2f} | {np.mean(entropies):.1f} |")
+    env.close()
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", type=pathlib.Path, default=ROOT / "runs" / "learning_study")
@@ -126,7 +162,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=STEPS, help="env steps per run (mtrl_hpc runs resume to a longer length)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
+    p.add_argument("--initial-entropy", action="store_true", help="print the untrained actor's entropy per bounds and init")
     args = p.parse_args()
+    if args.initial_entropy:
+        print(initial_entropy())
+        return 0
     runs_dir = args.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     only = [v for v in VARIANTS if args.only is None or v in args.only or v[0] in args.only]
