@@ -134,3 +134,16 @@ def test_update_frequencies_count_updates_not_env_steps(tmp_path, monkeypatch):
           "experiment.num_train_steps=30")
     assert len(calls) == 2 * (30 - 20)
     assert calls == [True, False] * 10
+
+
+def test_save_dir_is_the_run_directory_config_included(tmp_path):
+    # mtrl's setup.save_dir: the run's .hydra/config.yaml goes there, and nothing lands under ./outputs.
+    save_dir, cwd = tmp_path / "run", tmp_path / "cwd"
+    cwd.mkdir()
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "mtrl_hpc.main", *TINY, "experiment.num_train_steps=10", f"setup.save_dir={save_dir}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd,
+                         env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (save_dir / ".hydra" / "config.yaml").is_file() and (save_dir / "metrics.h5").is_file()
+    assert not (cwd / "outputs").exists()
