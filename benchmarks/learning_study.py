@@ -111,7 +111,7 @@ def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str]) -> str:
     for vid in only:
         for seed in seeds:
             r = results[vid, seed]
-            if r is None:
+            if not r or max(r) == 0:  # not started, or no evaluation after step 0 yet
                 continue
             last = r[max(r)]
             cells = " | ".join(f"{r[s][0]:.1f}" if s in r else "-" for s in evals)
