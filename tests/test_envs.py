@@ -316,14 +316,17 @@ def test_bad_names_raise():
 
 
 def test_make_env_takes_the_env_configs():
-    """Every config/env/*.yaml is a known name, and its keys are accepted by make_env."""
+    """Every config/env/*.yaml is a known name, and its keys are accepted by make_env (but `builder`, mtrl's
+    node of wrapper options, which the experiment applies: reward normalisation)."""
     config_dir = Path(__file__).resolve().parents[1] / "config" / "env"
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(config_dir.glob("*.yaml"))}
     assert set(configs) == set(ENV_NAMES)
     params = set(inspect.signature(MetaWorldMultiTaskEnv).parameters) | {"benchmark", "num_envs"}
     for cfg in configs.values():
-        assert set(cfg) - {"name"} <= params, cfg
+        assert set(cfg) - {"name", "builder"} <= params, cfg
+        assert set(cfg["builder"]["make_kwargs"]) == {"should_perform_reward_normalization"}
     cfg = dict(configs["metaworld-mt1"])
+    cfg.pop("builder")
     cfg["task_name"] = "reach-v3"
     env = make_env(cfg.pop("name"), seed=SEED, mode="eval", **cfg)
     assert isinstance(env, MetaWorldMultiTaskEnv)
