@@ -191,7 +191,7 @@ VARIANTS = {
     "clipped_delayed_unequal": (["agent.multitask.should_use_disentangled_alpha=True",
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
                                  "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",
-                                 "agent.builder.critic_target_update_freq=3", "agent.actor.log_std_bounds=[-5,2]"], UNEQUAL),
+                                 "agent.builder.critic_target_update_freq=3", "agent.actor.log_std_bounds=[-20,2]"], UNEQUAL),
 }
 
 

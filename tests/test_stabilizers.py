@@ -127,7 +127,7 @@ def test_reward_normalization_resumes_exactly(tmp_path_factory):
     assert_same_run(final_state(cut), final_state(whole))
     # The normaliser really ran: the rewards the agent learned from are not MetaWorld's.
     plain = tmp_path_factory.mktemp("plain")
-    status, _, err = finish(start(plain, "experiment.num_train_steps=40"))
+    status, _, err = finish(start(plain, "experiment.num_train_steps=40", flag.replace("true", "false")))
     with h5py.File(whole / "metrics.h5") as a, h5py.File(plain / "metrics.h5") as b:
         assert not np.allclose(a["train/batch_reward"][2:4], b["train/batch_reward"][2:4])
 
