@@ -41,27 +41,37 @@ def agent_cfg(*overrides):
 
 
 def copy_layers(mlp):
-    trunk = [(l.weight.detach().clone().requires_grad_(), l.bias.detach().clone().requires_grad_()) for l in mlp.trunk]
-    heads = [(l.weight.detach().clone().requires_grad_(), l.bias.detach().clone().requires_grad_()) for l in mlp.heads]
-    return trunk, heads
+    """(trunk, heads, trunk norms, head norms): lists of (weight, bias) copies, in the module's parameter order."""
+    def pairs(mods):
+        return [(m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_()) for m in mods]
+    return pairs(mlp.trunk), pairs(mlp.heads), pairs(mlp.trunk_norms), pairs(mlp.head_norms)
 
 
 def flat(layers):
-    trunk, heads = layers
-    return [t for pair in trunk + heads for t in pair]
+    return [t for part in layers for pair in part for t in pair]
+
+
+def layer_norm(x, gain, bias):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * gain + bias
 
 
 def forward(layers, x, member, task_ids):
     """One member of a (possibly multi-head) MLP, row by row in the heads."""
-    trunk, heads = layers
+    trunk, heads, trunk_norms, head_norms = layers
     for i, (w, b) in enumerate(trunk):
         x = x @ w[member] + b[member, 0]
         if i < len(trunk) - 1 or heads:
+            if trunk_norms:
+                x = layer_norm(x, trunk_norms[i][0][member, 0], trunk_norms[i][1][member, 0])
             x = torch.relu(x)
     for i, (w, b) in enumerate(heads):
         idx = member * T + task_ids  # heads are stacked member-major
         x = torch.einsum("ri,rio->ro", x, w[idx]) + b[idx, 0]
         if i < len(heads) - 1:
+            if head_norms:
+                x = layer_norm(x, head_norms[i][0][idx, 0], head_norms[i][1][idx, 0])
             x = torch.relu(x)
     return x
 
@@ -167,6 +177,7 @@ def make_batch(gen, task_ids):
 def assert_equal_states(agent, ref):
     pairs = [(agent.actor.model, ref.actor), (agent.critic.model, ref.critic), (agent.critic_target.model, ref.critic_target)]
     for mlp, layers in pairs:
+        assert len(list(mlp.parameters())) == len(flat(layers))
         for p, r in zip(mlp.parameters(), flat(layers)):
             torch.testing.assert_close(p.detach(), r.detach(), **TOL)
     torch.testing.assert_close(agent.log_alpha.detach(), ref.log_alpha.detach(), **TOL)
@@ -188,6 +199,8 @@ VARIANTS = {
     "multi_head": (["agent.multitask.should_use_multi_head_policy=True",
                     "agent.multitask.should_use_disentangled_alpha=True", *NO_TASK_INFO], EQUAL),
     "multi_head_unequal": (["agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], UNEQUAL),
+    "layer_norm_multi_head": (["agent.critic.layer_norm=True", "agent.actor.layer_norm=True",
+                               "agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], UNEQUAL),
     "clipped_delayed_unequal": (["agent.multitask.should_use_disentangled_alpha=True",
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
                                  "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",

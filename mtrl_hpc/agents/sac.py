@@ -71,9 +71,11 @@ class SACAgent(nn.Module):
         self.encoder = make_encoder(cfg.encoder, obs_dim)
         feature_dim = self.encoder.feature_dim
         self.actor = Actor(feature_dim + (task_dim if self.actor_uses_task else 0), action_dim, cfg.actor.hidden_dim,
-                           cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers)
+                           cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers,
+                           bool(cfg.actor.layer_norm))
         self.critic = TwinCritic(feature_dim + (task_dim if self.critic_uses_task else 0), action_dim,
-                                 cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers)
+                                 cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers,
+                                 bool(cfg.critic.layer_norm))
         if b.weight_init != "orthogonal":  # the layers start orthogonal
             for net in (self.task_encoder, self.encoder, self.actor, self.critic):
                 init_weights(net, b.weight_init)

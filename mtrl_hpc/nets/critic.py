@@ -8,9 +8,9 @@ from mtrl_hpc.nets.mlp import StackedMLP
 
 class TwinCritic(nn.Module):
     def __init__(self, in_dim: int, action_dim: int, hidden_dim: int, num_layers: int,
-                 num_tasks: int, head_layers: int | None):
+                 num_tasks: int, head_layers: int | None, layer_norm: bool = False):
         super().__init__()
-        self.model = StackedMLP(2, in_dim + action_dim, hidden_dim, 1, num_layers, num_tasks, head_layers)
+        self.model = StackedMLP(2, in_dim + action_dim, hidden_dim, 1, num_layers, num_tasks, head_layers, layer_norm)
 
     def forward(self, x: torch.Tensor, action: torch.Tensor, routing=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1 and Q2, each [rows]."""

@@ -51,6 +51,18 @@ class StackedLinear(nn.Module):
         return f"stacks={stacks}, in_features={fan_in}, out_features={fan_out}"
 
 
+class StackedLayerNorm(nn.Module):
+    """Layer norm over the features of each of `stacks` copies, each with its own gain and bias."""
+
+    def __init__(self, stacks: int, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(stacks, 1, features))
+        self.bias = nn.Parameter(torch.zeros(stacks, 1, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, torch.nn.functional.layer_norm(x, x.shape[-1:]), self.weight)
+
+
 def init_weights(module: nn.Module, scheme: str) -> None:
     """Re-initialise every StackedLinear inside `module` with `scheme` (one of WEIGHT_INITS)."""
     for m in module.modules():
@@ -72,10 +84,12 @@ class StackedMLP(nn.Module):
     With heads (`head_layers` not None): a shared trunk of `num_layers` hidden layers ending in `hidden_dim`
     features, a ReLU, then per task an MLP of `head_layers` hidden layers to `out_dim` (mtrl's multi-head
     policy: trunk -> ReLU -> per-task FeedForward).
+    layer_norm: every hidden layer is linear -> layer norm -> ReLU (the output layer stays linear); a critic's
+    values then grow only with its last layer's weights, which bounds how far it can extrapolate.
     """
 
     def __init__(self, members: int, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int,
-                 num_tasks: int = 1, head_layers: int | None = None):
+                 num_tasks: int = 1, head_layers: int | None = None, layer_norm: bool = False):
         super().__init__()
         self.members = members
         self.num_tasks = num_tasks
@@ -84,6 +98,11 @@ class StackedMLP(nn.Module):
         self.trunk = nn.ModuleList(StackedLinear(members, i, o) for i, o in _layer_sizes(in_dim, hidden_dim, trunk_out, num_layers))
         heads = _layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
         self.heads = nn.ModuleList(StackedLinear(members * num_tasks, i, o) for i, o in heads)
+        # Norms of the hidden layers: trunk layer i (all but the last, or all before heads), head layer i.
+        trunk_hidden = len(self.trunk) if self.multi_head else len(self.trunk) - 1
+        self.trunk_norms = nn.ModuleList(StackedLayerNorm(members, hidden_dim) for _ in range(trunk_hidden if layer_norm else 0))
+        self.head_norms = nn.ModuleList(StackedLayerNorm(members * num_tasks, hidden_dim)
+                                        for _ in range(max(len(heads) - 1, 0) if layer_norm else 0))
 
     def forward(self, x: torch.Tensor, routing: TaskRouting | None = None) -> torch.Tensor:
         """x: [rows, in] (the same input for every member) or [members, rows, in] -> [members, rows, out].
@@ -94,7 +113,9 @@ class StackedMLP(nn.Module):
         for i, layer in enumerate(self.trunk):
             x = layer(x)
             if i < len(self.trunk) - 1 or self.multi_head:
-                x = torch.relu_(x)  # in place: baddbmm's backward does not need its output
+                if self.trunk_norms:
+                    x = self.trunk_norms[i](x)
+                x = torch.relu_(x)  # in place: neither baddbmm's nor addcmul's backward needs its output
         if not self.multi_head:
             return x
         if routing is None:
@@ -103,6 +124,8 @@ class StackedMLP(nn.Module):
         for i, layer in enumerate(self.heads):
             x = layer(x)
             if i < len(self.heads) - 1:
+                if self.head_norms:
+                    x = self.head_norms[i](x)
                 x = torch.relu_(x)
         return routing.to_rows(x, self.members)
 
