@@ -31,7 +31,8 @@ MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_
             # mtrl's settings, pinned so that each variant states all it changes whatever the defaults are
             "agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=orthogonal", "agent.builder.init_temperature=1.0",
             "agent.optimizers.actor.max_grad_norm=null", "agent.optimizers.critic.max_grad_norm=null",
-            "agent.optimizers.alpha.max_grad_norm=null", "env.builder.make_kwargs.should_perform_reward_normalization=false"]
+            "agent.optimizers.alpha.max_grad_norm=null", "env.builder.make_kwargs.should_perform_reward_normalization=false",
+            "agent.critic.layer_norm=false"]
 
 # id -> (label, "mtrl_hpc" or "plain", arguments). mtrl_hpc's temperature loss is the log_alpha form.
 VARIANTS = {
@@ -56,6 +57,8 @@ VARIANTS = {
     "N_mtrl_hpc_std5_rewnorm_temp01": ("mtrl_hpc, log_std [-5, 2] + reward normalisation + init_temperature 0.1",
                                        "mtrl_hpc", ["agent.actor.log_std_bounds=[-5,2]", "agent.builder.init_temperature=0.1",
                                                     "env.builder.make_kwargs.should_perform_reward_normalization=true"]),
+    "O_mtrl_hpc_std5_critic_ln": ("mtrl_hpc, log_std [-5, 2] + critic layer norm", "mtrl_hpc",
+                                  ["agent.actor.log_std_bounds=[-5,2]", "agent.critic.layer_norm=true"]),
     "B_plain": ("plain SAC: log_std [-5, 2], PyTorch default init, alpha loss", "plain", []),
     "D_plain_std20": ("plain, log_std [-20, 2]", "plain", ["--log-std-min", "-20"]),
     "E_plain_std20_orth": ("plain, log_std [-20, 2] + orthogonal init", "plain", ["--log-std-min", "-20", "--init", "orthogonal"]),
@@ -102,12 +105,43 @@ def read(runs_dir: pathlib.Path, vid: str, seed: int) -> dict | None:
     return out
 
 
-def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str]) -> str:
+def q_ratio(run_dir: pathlib.Path) -> tuple[int, float] | None:
+    """(step, ratio) at the run's newest checkpoint: the largest Q1(s, a) over 4096 replay transitions divided
+    by the largest return the stored rewards allow, max reward / (1 - discount). Above 1, the critic values
+    some transitions beyond any return the data supports (overestimation)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mtrl_hpc import checkpoint
+    from mtrl_hpc.agents import make_agent
+    from mtrl_hpc.replay import ReplayBuffer
+
+    path = checkpoint.latest_path(run_dir)
+    if path is None:
+        return None
+    cfg = OmegaConf.create(checkpoint.load(path)[1])
+    for part in ("actor", "critic"):  # runs of this study written before the layer-norm option existed
+        if "layer_norm" not in cfg.agent[part]:
+            cfg.agent[part].layer_norm = False
+    replay = ReplayBuffer(1, int(cfg.replay_buffer.capacity), (39,), (4,), seed=int(cfg.setup.seed))
+    state, _ = checkpoint.load(path, replay=replay)
+    agent = make_agent(cfg.agent, 39, 4, 1, "cpu")
+    agent.load_training_state(state["agent"])
+    torch.manual_seed(0)
+    batch = replay.sample(4096)
+    with torch.no_grad():
+        q1, _ = agent.critic(torch.cat([batch.obs, torch.ones(len(batch.obs), 1)], -1), batch.action)
+    bound = batch.reward.max().item() / (1 - float(cfg.agent.builder.discount))
+    return int(state["counters"]["step"]), q1.max().item() / bound
+
+
+def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str], with_q: bool = False) -> str:
     results = {(v, s): read(runs_dir, v, s) for v in only for s in seeds}
     last = max([STEPS] + [max(r) for r in results.values() if r])  # runs continued past STEPS show their evals too
     evals = list(range(5000, last + 1, 5000))
-    lines = ["| variant | seed | " + " | ".join(f"{s // 1000}k" for s in evals) + " | critic loss | entropy | alpha |",
-             "|---|---|" + "---|" * (len(evals) + 3)]
+    q_head = " max Q / max return |" if with_q else ""
+    lines = ["| variant | seed | " + " | ".join(f"{s // 1000}k" for s in evals) + " | critic loss | entropy | alpha |" + q_head,
+             "|---|---|" + "---|" * (len(evals) + 3 + with_q)]
     for vid in only:
         for seed in seeds:
             r = results[vid, seed]
@@ -115,7 +149,11 @@ def table(runs_dir: pathlib.Path, seeds: list[int], only: list[str]) -> str:
                 continue
             last = r[max(r)]
             cells = " | ".join(f"{r[s][0]:.1f}" if s in r else "-" for s in evals)
-            lines.append(f"| {vid[0]}: {VARIANTS[vid][0]} | {seed} | {cells} | {last[1]:.3g} | {last[2]:.2f} | {last[3]:.3f} |")
+            q = ""
+            if with_q:
+                found = q_ratio(runs_dir / vid / f"s{seed}") if VARIANTS[vid][1] == "mtrl_hpc" else None
+                q = f" {found[1]:.2f} ({found[0] // 1000}k) |" if found else " - |"
+            lines.append(f"| {vid[0]}: {VARIANTS[vid][0]} | {seed} | {cells} | {last[1]:.3g} | {last[2]:.2f} | {last[3]:.3f} |{q}")
     return "\n".join(lines)
 
 
@@ -163,6 +201,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
     p.add_argument("--initial-entropy", action="store_true", help="print the untrained actor's entropy per bounds and init")
+    p.add_argument("--q-ratio", action="store_true",
+                   help="add a column: the critic's largest value over the largest possible return, at the newest checkpoint")
     args = p.parse_args()
     if args.initial_entropy:
         print(initial_entropy())
@@ -176,7 +216,7 @@ def main() -> int:
             for (v, s), status in zip(todo, pool.map(lambda vs: run(runs_dir, *vs, args.steps), todo)):
                 if status != 0:
                     print(f"{v} seed {s}: exited with status {status} (see {runs_dir / f'{v}_s{s}.log'})")
-    print(table(runs_dir, args.seeds, only))
+    print(table(runs_dir, args.seeds, only, args.q_ratio))
     return 0
 
 
