@@ -21,13 +21,13 @@ from omegaconf import OmegaConf
 
 from mtrl_hpc import checkpoint
 from mtrl_hpc.agents import make_agent
+from mtrl_hpc.divergence import DivergenceGuard
 from mtrl_hpc.config_checks import OBS_DTYPES, resolve_device
 from mtrl_hpc.envs import make_env
 from mtrl_hpc.metrics import MetricsLog, ProgressBar, echo
 from mtrl_hpc.preemption import StopRequest
 from mtrl_hpc.replay import ReplayBuffer
 from mtrl_hpc.reward_normalization import RewardNormalizer
-from mtrl_hpc.divergence import DivergenceGuard
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class Experiment:
                 step = self.step
                 if (step % L == 0 or step >= cfg.num_train_steps) and not boundary_done:
                     if obs is not None:
-                        means = {k: (v / update_counts[k]).cpu().numpy() for k, v in update_sums.items()}  # read once per episode
+                        # The one read of the update metrics from the device in an episode.
+                        means = {k: (v / update_counts[k]).cpu().numpy() for k, v in update_sums.items()}
                         self._log_train(step, episode_reward, episode_success, means, time.perf_counter() - episode_start)
                         # Before this boundary's evaluation and checkpoint: a diverged state is never saved.
                         if means:
@@ -194,9 +195,9 @@ class Experiment:
                 obs = result.obs
 
                 if step >= cfg.init_steps:
-                    for k in range(cfg.num_updates_per_step):
+                    for i in range(cfg.num_updates_per_step):
                         # SAC's update frequencies count gradient updates, not env steps.
-                        update_index = (step - cfg.init_steps) * cfg.num_updates_per_step + k
+                        update_index = (step - cfg.init_steps) * cfg.num_updates_per_step + i
                         metrics = self.agent.update(self.replay.sample(batch_size), update_index)
                         for k, v in metrics.items():
                             update_sums[k] = update_sums[k] + v if k in update_sums else v.clone()
