@@ -119,7 +119,10 @@ def q_ratio(run_dir: pathlib.Path) -> tuple[int, float] | None:
     path = checkpoint.latest_path(run_dir)
     if path is None:
         return None
-    cfg = OmegaConf.create(checkpoint.load(path)[1])
+    try:
+        cfg = OmegaConf.create(checkpoint.load(path)[1])
+    except checkpoint.CheckpointError:  # e.g. written by an older mtrl_hpc
+        return None
     for part in ("actor", "critic"):  # runs of this study written before the layer-norm option existed
         if "layer_norm" not in cfg.agent[part]:
             cfg.agent[part].layer_norm = False
