@@ -3,6 +3,17 @@
 import importlib.resources
 import pathlib
 
+from omegaconf import OmegaConf
+
+
+def _first_set(*values):
+    """${first_set:a,b,...}: the first value that is not null (config/config.yaml: the run directory)."""
+    return next((v for v in values if v is not None), None)
+
+
+# The config tree uses it: registered by the module every composer of the tree imports.
+OmegaConf.register_new_resolver("first_set", _first_set, replace=True)
+
 
 def config_dir() -> str:
     """Absolute path of the config tree, for editable and regular installs alike."""

@@ -46,6 +46,6 @@ class DivergenceGuard:
         latest = checkpoint.latest_path(self.run_dir)
         saved = (f"the last checkpoint, {latest}, was written before it" if latest is not None
                  else "no checkpoint was written before it")
-        raise Diverged(f"training diverged: {what}; {saved} and nothing after it was saved. Lower the learning "
-                       "rates, clip gradients (agent.optimizers.<actor|critic|alpha>.max_grad_norm) or change "
-                       "experiment.critic_loss_ceiling (null: no ceiling)")
+        raise Diverged(f"training diverged: {what}; {saved} and nothing after it was saved. docs/learning.md "
+                       "lists what was tried against it (e.g. agent.critic.layer_norm=true, lower learning rates); "
+                       "experiment.critic_loss_ceiling=null removes the ceiling")

@@ -6,7 +6,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mtrl_hpc.config_dir import config_dir
 
@@ -41,14 +41,6 @@ def run(cfg: DictConfig, run_dir: pathlib.Path, ignore_late_warnings: bool = Fal
     else:
         stop.uninstall(ignore_warnings=ignore_late_warnings)
     return outcome
-
-
-def _first_set(*values):
-    """${first_set:a,b,...}: the first value that is not null (config/config.yaml: the run directory)."""
-    return next((v for v in values if v is not None), None)
-
-
-OmegaConf.register_new_resolver("first_set", _first_set, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -182,7 +182,7 @@ class ReplayBuffer:
         self._on_cpu = dev.type == "cpu"
         self._added_host = self.added.numpy() if self._on_cpu else np.zeros(T, dtype=np.int64)
         self._outputs: dict[int, Batch] = {}  # per batch size; sample() refills and returns the same tensors
-        self._offsets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # equal-share plans by (batch, start)
+        self._equal_plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (counts, offsets) by (batch, start)
         self._eligible = np.zeros(0, dtype=np.int64)  # tasks holding data, ascending
         # Direct entries of torch.ops.mtrl_hpc.replay_add/replay_sample (csrc/bindings.cpp): same kernels,
         # without torch.ops' per-call argument parsing.
@@ -235,7 +235,7 @@ class ReplayBuffer:
         eligible = np.flatnonzero(self._added_host > 0)
         if len(eligible) != len(self._eligible):
             self._eligible = eligible
-            self._offsets.clear()
+            self._equal_plans.clear()
 
     # ---------------------------------------------------------------- sampling
     def _outputs_for(self, batch_size: int) -> Batch:
@@ -266,12 +266,12 @@ class ReplayBuffer:
         rem = batch_size % n
         start = (self.sample_counter * rem) % n if rem else 0
         key = (batch_size, start)
-        plan = self._offsets.get(key)
+        plan = self._equal_plans.get(key)
         if plan is None:
             counts = np.zeros(self.num_tasks, dtype=np.int64)
             counts[self._eligible] = batch_size // n
             counts[self._eligible[(start + np.arange(rem)) % n]] += 1
-            plan = self._offsets[key] = (torch.from_numpy(counts), self._offsets_tensor(counts))
+            plan = self._equal_plans[key] = (torch.from_numpy(counts), self._offsets_tensor(counts))
         return plan
 
     def task_counts(self, batch_size: int, task_weights=None) -> np.ndarray:
@@ -385,7 +385,7 @@ class ReplayBuffer:
         self.sample_counter = sample_counter
         self.seed = seed & _MASK64
         self._eligible = np.zeros(0, dtype=np.int64)
-        self._offsets.clear()
+        self._equal_plans.clear()
         self._refresh_eligible()
 
     # ---------------------------------------------------------------- HDF5

@@ -10,8 +10,8 @@ the runs of a group are seeds of one configuration; a run without a Hydra config
 Printed (and written to ``DIR/report.txt``): per group, the final and the best eval success of every task and
 overall, as mean and standard error across the group's runs. "Final" is a run's last eval row; "best" the
 maximum over its eval rows after step 0 (the untrained policy's evaluation is not a result; per task for the
-task rows; for "overall", the maximum of the per-row mean over tasks). Overall success of a row is its ``success`` metric, or the mean of its per-task success when that is
-missing. Plots (``DIR/<group>.png`` and ``DIR/comparison.png``): eval success and episode reward against
+task rows; for "overall", the maximum of the per-row mean over tasks). Overall success of a row is its
+``success`` metric, or the mean of its per-task success when that is missing. Plots (``DIR/<group>.png`` and ``DIR/comparison.png``): eval success and episode reward against
 steps, mean with a band of one standard error, over the runs holding that step.
 """
 

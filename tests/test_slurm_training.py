@@ -227,7 +227,7 @@ def test_time_limit_signal_checkpoint_self_requeue_with_plain_preset(slurm_clust
     # sends the warning on the first check that is less than 30 s before it is due: 20-50 s into the job,
     # at least 30 s before the kill. The run needs about 50 s of training on an idle core plus its start-up,
     # so the first allocation is always cut short; later ones may be too.
-    steps, capacity = 6000, 2000
+    steps, capacity = 12000, 2000  # about 100 s of training: always outlasts the first allocation
     run = [*TINY, *MT1, "setup.seed=6", f"experiment.num_train_steps={steps}", "experiment.eval_freq=2000",
            "experiment.save.freq=1000", f"replay_buffer.capacity={capacity}"]
     reference = local_run(procs, tmp_path / "reference", *run)

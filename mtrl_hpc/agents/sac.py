@@ -95,9 +95,10 @@ class SACAgent(nn.Module):
         self.actor_optimizer = make_optimizer(actor_params, opt.actor)
         self.critic_optimizer = make_optimizer(critic_params, opt.critic)
         self.alpha_optimizer = make_optimizer([self.log_alpha], opt.alpha)
-        # Per optimizer: its parameters and the gradient-norm clip applied before its step (None: off).
-        self._grad_clip = {name: (params, _max_grad_norm(opt[name]))
-                           for name, params in (("actor", actor_params), ("critic", critic_params), ("alpha", [self.log_alpha]))}
+        # Per optimizer: the optimizer, its parameters and the gradient-norm clip before its step (None: off).
+        self._steps = {name: (optimizer, params, _max_grad_norm(opt[name])) for name, optimizer, params in (
+            ("actor", self.actor_optimizer, actor_params), ("critic", self.critic_optimizer, critic_params),
+            ("alpha", self.alpha_optimizer, [self.log_alpha]))}
         self._critic_params = list(self.critic.parameters())
         # (target, source) parameter lists for the soft target updates.
         self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)
@@ -170,10 +171,9 @@ class SACAgent(nn.Module):
     def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
         """zero_grad -> backward -> clip -> step of one optimizer ("actor", "critic" or "alpha"): the one place
         where an update turns a loss into a parameter change."""
-        optimizer = self.optimizers()[name]
+        optimizer, params, max_norm = self._steps[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params, max_norm = self._grad_clip[name]
         if max_norm is not None:
             # foreach: one fused norm over all gradients, no host sync.
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -215,7 +215,7 @@ class SACAgent(nn.Module):
 
     # ---- state (checkpoints) ----
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"actor": self.actor_optimizer, "critic": self.critic_optimizer, "alpha": self.alpha_optimizer}
+        return {name: optimizer for name, (optimizer, _, _) in self._steps.items()}
 
     def training_state(self) -> dict:
         """Networks, targets, log_alpha, task encoder and optimizer states, as a tree of tensors and plain data."""

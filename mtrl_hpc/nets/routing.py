@@ -33,7 +33,7 @@ class TaskRouting:
             raise ValueError(f"task routing: {len(counts)} task counts for {num_tasks} tasks")
         if sum(counts) != self.rows:
             raise ValueError(f"task routing: the task counts sum to {sum(counts)}, the batch has {self.rows} rows")
-        self.per_task = max(counts) if counts else 0
+        self.per_task = max(counts)
         self.equal = grouped and all(c == self.per_task for c in counts)
         self.dest = None
         if not self.equal:
