@@ -17,7 +17,7 @@ from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
 from mtrl_hpc.nets.mlp import init_weights
 from mtrl_hpc.nets.routing import TaskRouting
-from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder
+from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder, TaskInfo
 
 OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
 
@@ -110,20 +110,25 @@ class SACAgent(nn.Module):
             self.critic_target.model = torch.compile(self.critic_target.model)
 
     # ---- inputs ----
-    def _inputs(self, features: torch.Tensor, task: torch.Tensor | None, uses_task: bool) -> torch.Tensor:
-        return torch.cat([features, task], dim=-1) if uses_task else features
+    def _task_info(self, task_ids: torch.Tensor, routing: TaskRouting | None, loss: str | None) -> TaskInfo:
+        """The one place task information is built for the encoders and trunks: the task encoding (one-hot,
+        learned or pretrained) carries gradients only into the losses that train the task encoder."""
+        encoding = self.task_encoder(task_ids)
+        if loss not in self.task_encoder_losses:
+            encoding = encoding.detach()
+        return TaskInfo(task_ids, encoding, routing)
 
-    def _task(self, task_ids: torch.Tensor, loss: str) -> torch.Tensor:
-        task = self.task_encoder(task_ids)
-        return task if loss in self.task_encoder_losses else task.detach()
+    def _inputs(self, features: torch.Tensor, task: TaskInfo, uses_task: bool) -> torch.Tensor:
+        """A trunk's input: the encoder's features, with the task encoding appended where configured."""
+        return torch.cat([features, task.encoding], dim=-1) if uses_task else features
 
     # ---- acting ----
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
         """Actions for one row per task ([tasks, obs_dim] -> [tasks, action_dim]), grouped by task."""
-        x = self._inputs(self.encoder(obs), self.task_encoder(task_ids), self.actor_uses_task)
         routing = TaskRouting.one_row_per_task(task_ids, self.num_tasks) if self.multi_head else None
-        return self.actor.act(x, sample, routing)
+        task = self._task_info(task_ids, routing, None)
+        return self.actor.act(self._inputs(self.encoder(obs, task), task, self.actor_uses_task), sample, task)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -144,16 +149,16 @@ class SACAgent(nn.Module):
 
         # Critic: Bellman target with the per-task entropy bonus.
         with torch.no_grad():
-            next_features = self.encoder(batch.next_obs)
-            next_task = self.task_encoder(task_ids)
-            next_action, next_log_prob, _ = self.actor(self._inputs(next_features, next_task, self.actor_uses_task), routing)
-            target_features = self.encoder_target(batch.next_obs)
+            next_task = self._task_info(task_ids, routing, None)
+            next_features = self.encoder(batch.next_obs, next_task)
+            next_action, next_log_prob, _ = self.actor(self._inputs(next_features, next_task, self.actor_uses_task), next_task)
+            target_features = self.encoder_target(batch.next_obs, next_task)
             tq1, tq2 = self.critic_target(self._inputs(target_features, next_task, self.critic_uses_task), next_action,
-                                          routing)
+                                          next_task)
             target_q = torch.minimum(tq1, tq2)
-        features = self.encoder(batch.obs)
-        q1, q2 = self.critic(self._inputs(features, self._task(task_ids, "critic"), self.critic_uses_task), batch.action,
-                             routing)
+        task = self._task_info(task_ids, routing, "critic")
+        features = self.encoder(batch.obs, task)
+        q1, q2 = self.critic(self._inputs(features, task, self.critic_uses_task), batch.action, task)
         critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
                                            self.log_alpha, task_ids, self.discount, T)
         critic_loss = critic_losses.mean()
@@ -188,12 +193,13 @@ class SACAgent(nn.Module):
 
     def _update_actor_and_alpha(self, features: torch.Tensor, task_ids: torch.Tensor, routing) -> dict[str, torch.Tensor]:
         T = self.num_tasks
-        task = self._task(task_ids, "actor")
-        action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task), routing)
+        task = self._task_info(task_ids, routing, "actor")
+        action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task), task)
         # The critic only scores the actor's actions here: no gradients for its weights.
         for p in self._critic_params:
             p.requires_grad_(False)
-        q1, q2 = self.critic(self._inputs(features, task.detach(), self.critic_uses_task), action, routing)
+        critic_task = task.detached()
+        q1, q2 = self.critic(self._inputs(features, critic_task, self.critic_uses_task), action, critic_task)
         for p in self._critic_params:
             p.requires_grad_(True)
         actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mtrl_hpc.nets.mlp import StackedMLP
+from mtrl_hpc.nets.task_info import TaskInfo
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -18,16 +19,16 @@ class Actor(nn.Module):
         self.log_std_min, self.log_std_max = float(log_std_bounds[0]), float(log_std_bounds[1])
         self.model = StackedMLP(1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks, head_layers, layer_norm)
 
-    def distribution(self, x: torch.Tensor, routing=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution(self, x: torch.Tensor, task: TaskInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log std (squashed into log_std_bounds) of the pre-tanh Gaussian."""
-        mu, log_std = self.model(x, routing)[0].chunk(2, dim=-1)
+        mu, log_std = self.model(x, task.routing if task is not None else None)[0].chunk(2, dim=-1)
         log_std = torch.tanh(log_std)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         return mu, log_std
 
-    def forward(self, x: torch.Tensor, routing=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, task: TaskInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A reparameterised sample: (action, its log-probability [rows], the deterministic action)."""
-        mu, log_std = self.distribution(x, routing)
+        mu, log_std = self.distribution(x, task)
         noise = torch.randn_like(mu)
         pre_tanh = mu + noise * log_std.exp()
         log_prob = (-0.5 * noise.pow(2) - log_std).sum(-1) - 0.5 * _LOG_2PI * self.action_dim
@@ -37,8 +38,8 @@ class Actor(nn.Module):
         return action, log_prob, torch.tanh(mu)
 
     @torch.no_grad()
-    def act(self, x: torch.Tensor, sample: bool, routing=None) -> torch.Tensor:
-        mu, log_std = self.distribution(x, routing)
+    def act(self, x: torch.Tensor, sample: bool, task: TaskInfo | None = None) -> torch.Tensor:
+        mu, log_std = self.distribution(x, task)
         if sample:
             mu = mu + torch.randn_like(mu) * log_std.exp()
         return torch.tanh(mu)

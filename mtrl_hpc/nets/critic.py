@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from mtrl_hpc.nets.mlp import StackedMLP
+from mtrl_hpc.nets.task_info import TaskInfo
 
 
 class TwinCritic(nn.Module):
@@ -12,7 +13,7 @@ class TwinCritic(nn.Module):
         super().__init__()
         self.model = StackedMLP(2, in_dim + action_dim, hidden_dim, 1, num_layers, num_tasks, head_layers, layer_norm)
 
-    def forward(self, x: torch.Tensor, action: torch.Tensor, routing=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, action: torch.Tensor, task: TaskInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1 and Q2, each [rows]."""
-        q = self.model(torch.cat([x, action], dim=-1), routing)
+        q = self.model(torch.cat([x, action], dim=-1), task.routing if task is not None else None)
         return q[0, :, 0], q[1, :, 0]

@@ -1,9 +1,12 @@
-"""Observation encoders: identity (state observations as they are) or a feedforward MLP."""
+"""Observation encoders: identity (state observations as they are) or a feedforward MLP.
+
+Every encoder takes (obs, task): task is the batch's TaskInfo, which task-conditioned encoders read."""
 
 import torch
 from torch import nn
 
 from mtrl_hpc.nets.mlp import StackedMLP
+from mtrl_hpc.nets.task_info import TaskInfo
 
 ENCODER_TYPES = ("identity", "feedforward")
 
@@ -13,7 +16,7 @@ class IdentityEncoder(nn.Module):
         super().__init__()
         self.feature_dim = obs_dim
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, task: TaskInfo | None = None) -> torch.Tensor:
         return obs
 
 
@@ -23,7 +26,7 @@ class FeedForwardEncoder(nn.Module):
         self.feature_dim = feature_dim
         self.mlp = StackedMLP(1, obs_dim, hidden_dim, feature_dim, num_layers)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, task: TaskInfo | None = None) -> torch.Tensor:
         return self.mlp(obs)[0]
 
 

@@ -1,9 +1,29 @@
-"""Task information given to the networks: the one-hot task id, or a learned task encoding."""
+"""Task information given to the networks: the one-hot task id, or a learned task encoding.
+
+`TaskInfo` is what every encoder and trunk receives about the tasks of a batch's rows: their ids, their task
+encoding (the task encoder's output, or the one-hot id) and the routing of rows to per-task parameters.
+The agent builds it in one place (SACAgent._task_info), which decides which losses train the task encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mtrl_hpc.nets.mlp import StackedMLP
+from mtrl_hpc.nets.routing import TaskRouting
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    ids: torch.Tensor  # int64 [rows]
+    encoding: torch.Tensor  # [rows, task encoding dim]
+    routing: TaskRouting | None  # rows -> per-task parameters; None where no network has any
+
+    def detached(self) -> TaskInfo:
+        return TaskInfo(self.ids, self.encoding.detach(), self.routing)
 
 
 class OneHotTask(nn.Module):
