@@ -1,6 +1,7 @@
 """Checks of a composed config, run before anything is built: one clear line per problem."""
 
 import difflib
+import os
 
 import torch
 
@@ -8,6 +9,7 @@ from mtrl_hpc.agents import AGENTS
 from mtrl_hpc.agents.sac import OPTIMIZERS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
 from mtrl_hpc.nets.mlp import WEIGHT_INITS
+from mtrl_hpc.task_embeddings import how_to_make
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TASK_ENCODER_LOSSES = ("critic", "actor")
@@ -88,6 +90,12 @@ def check_config(cfg) -> list[str]:
         need(not bad, f"agent.multitask.task_encoder_cfg.losses_to_train has {bad}; choose from {', '.join(TASK_ENCODER_LOSSES)}")
         need(mt.task_encoder_cfg.model_cfg.num_embeddings >= env.num_envs,
              "agent.multitask.task_encoder_cfg.model_cfg.num_embeddings must be >= the number of tasks")
+    pretrained = mt.task_encoder_cfg.model_cfg.pretrained_embedding_cfg
+    if pretrained.should_use:
+        key = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
+        need(mt.should_use_task_encoder, f"{key}.should_use=True needs agent.multitask.should_use_task_encoder=True")
+        path = pretrained.path_to_load_from
+        need(os.path.isfile(str(path)), f"{key}.path_to_load_from={path}: no such file; {how_to_make(path)}")
     if mt.should_use_multi_head_policy:
         need(mt.multi_head_policy_cfg.num_layers >= 0, "agent.multitask.multi_head_policy_cfg.num_layers must be >= 0")
 

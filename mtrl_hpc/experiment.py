@@ -62,7 +62,8 @@ class Experiment:
         self.task_ids = torch.arange(self.num_tasks, device=self.device)
         self.task_ids_host = np.arange(self.num_tasks)  # replay.add plans on the host: no device read
 
-        self.agent = make_agent(cfg.agent, self.env.obs_dim, self.env.action_dim, self.num_tasks, self.device)
+        self.agent = make_agent(cfg.agent, self.env.obs_dim, self.env.action_dim, self.num_tasks, self.device,
+                                task_names=self.task_names)
         self.replay = ReplayBuffer(self.num_tasks, cfg.replay_buffer.capacity // self.num_tasks, (self.env.obs_dim,),
                                    (self.env.action_dim,), device=self.device, seed=seed,
                                    obs_dtype=OBS_DTYPES[cfg.replay_buffer.obs_dtype])

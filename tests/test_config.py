@@ -93,6 +93,11 @@ def test_defaults_follow_mtrl():
     (["agent.builder.weight_init=xavier"], "agent.builder.weight_init='xavier' is not available; choose one of orthogonal, pytorch_default"),
     (["agent.actor.log_std_bounds=[2,-5]"], "agent.actor.log_std_bounds=[2, -5] must be [low, high] numbers with low < high"),
     (["agent.actor.log_std_bounds=[-5]"], "agent.actor.log_std_bounds=[-5] must be [low, high]"),
+    (["agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg.should_use=True"],
+     "pretrained_embedding_cfg.should_use=True needs agent.multitask.should_use_task_encoder=True"),
+    (["agent.multitask.should_use_task_encoder=True", "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg.should_use=True",
+      "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg.path_to_load_from=nowhere/t.json"],
+     "path_to_load_from=nowhere/t.json: no such file; make one with `python -m mtrl_hpc.task_embeddings --model"),
 ])
 def test_bad_values_are_named(overrides, needle):
     cfg = make_cfg(*overrides)

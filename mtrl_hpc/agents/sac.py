@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mtrl_hpc import losses
+from mtrl_hpc.task_embeddings import load_table
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
@@ -42,7 +43,7 @@ def _uses_task_info(flags) -> bool:
 
 
 class SACAgent(nn.Module):
-    def __init__(self, cfg, obs_dim: int, action_dim: int, num_tasks: int, device: str):
+    def __init__(self, cfg, obs_dim: int, action_dim: int, num_tasks: int, device: str, task_names: list[str] | None = None):
         super().__init__()
         mt = cfg.multitask
         b = cfg.builder
@@ -61,7 +62,8 @@ class SACAgent(nn.Module):
 
         if mt.should_use_task_encoder:
             m = mt.task_encoder_cfg.model_cfg
-            self.task_encoder = TaskEncoder(m.num_embeddings, m.embedding_dim, m.hidden_dim, m.num_layers, m.output_dim)
+            self.task_encoder = TaskEncoder(m.num_embeddings, m.embedding_dim, m.hidden_dim, m.num_layers, m.output_dim,
+                                            _pretrained_table(m.pretrained_embedding_cfg, num_tasks, task_names))
         else:
             self.task_encoder = OneHotTask(num_tasks)
         self.task_encoder_losses = set(mt.task_encoder_cfg.losses_to_train) if mt.should_use_task_encoder else set()
@@ -236,6 +238,14 @@ class SACAgent(nn.Module):
         self.load_state_dict({own.get(k, k): v for k, v in state["modules"].items()})
         for name, opt in self.optimizers().items():
             opt.load_state_dict(_optimizer_state_from_tree(state["optimizers"][name]))
+
+
+def _pretrained_table(pretrained_cfg, num_tasks: int, task_names: list[str] | None) -> torch.Tensor | None:
+    if not pretrained_cfg.should_use:
+        return None
+    if task_names is None or len(task_names) != num_tasks:
+        raise ValueError("pretrained task embeddings need the env's task names (make_agent(..., task_names=env.task_names))")
+    return load_table(pretrained_cfg.path_to_load_from, task_names)
 
 
 def _plain_key(key: str) -> str:
