@@ -17,6 +17,10 @@ flushed when logged.
 Resume: ``MetricsLog.resume(path, ..., last_step)`` keeps the rows with ``step <= last_step`` (the step of the
 checkpoint the run resumes from) and drops the rest, so the resumed run continues without duplicated or
 missing rows. Log the rows of step S before saving the checkpoint of step S.
+
+TensorBoard (``tensorboard=True``, needs the ``tensorboard`` extra): the same rows are also written as event
+files in the log's directory, tags ``<kind>/<key>`` and ``<kind>/<key>/<task name>``; a resume cuts them to
+``last_step`` as well (mtrl_hpc.tensorboard_log).
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ class MetricsError(Exception):
     """The metric log cannot be created, opened, resumed or appended to; the message says what to do."""
 
 
+def _tensorboard_module():
+    try:
+        from mtrl_hpc import tensorboard_log
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("tensorboard", "google"):  # google.protobuf comes with it
+            raise
+        raise MetricsError("logger.tensorboard=true needs the tensorboard package: "
+                           "pip install 'mtrl_hpc[tensorboard]'") from None
+    return tensorboard_log
+
+
 def _task_key(key: str) -> str:
     return f"{key}_env_index_"
 
@@ -64,23 +79,29 @@ class MetricsLog:
 
     ``train_keys``/``eval_keys`` are scalar metrics; ``train_task_keys``/``eval_task_keys`` are per-task
     metrics, stored as ``<key>_env_index_`` datasets shaped [N, num_tasks] (mtrl's names). ``console``:
-    print a line per ``log`` call.
+    print a line per ``log`` call. ``tensorboard``: also write TensorBoard event files beside ``path``.
     """
 
     def __init__(self, path, task_names: Sequence[str], train_keys: Sequence[str] = TRAIN_KEYS,
                  eval_keys: Sequence[str] = EVAL_KEYS, train_task_keys: Sequence[str] = TRAIN_TASK_KEYS,
-                 eval_task_keys: Sequence[str] = EVAL_TASK_KEYS, console: bool = True, _append: bool = False):
+                 eval_task_keys: Sequence[str] = EVAL_TASK_KEYS, console: bool = True, tensorboard: bool = False,
+                 _append: bool = False, _last_step: int | None = None):
         self.path = pathlib.Path(path)
         self.task_names = [str(t) for t in task_names]
         self.console = console
         self.scalar_keys = {"train": _keys(train_keys), "eval": _keys(eval_keys)}
         self.task_keys = {"train": _keys(train_task_keys), "eval": _keys(eval_task_keys)}
+        self._f = self._tb = None
+        tb = _tensorboard_module() if tensorboard else None  # before any file is written
         if not _append:
             if self.path.exists():
                 raise MetricsError(
                     f"{self.path} already exists; resume it with MetricsLog.resume(..., last_step=<checkpoint step>) "
                     "or use a new run directory"
                 )
+            if tb is not None and _last_step is None and tb.event_files(self.path.parent):
+                raise MetricsError(f"{self.path.parent} already holds TensorBoard event files; use a new run "
+                                   "directory (or resume the run)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
             try:
@@ -103,6 +124,13 @@ class MetricsLog:
             self._f.close()
             raise
         self._ds = {kind: {name: self._f[kind][name] for name in self._f[kind]} for kind in KINDS}
+        if tb is not None:
+            try:
+                self._tb = tb.EventWriter(self.path.parent, self.task_names, last_step=_last_step)
+            except OSError as e:
+                self.close()
+                raise MetricsError(f"cannot write TensorBoard event files in {self.path.parent} ({_short(e)}); "
+                                   "check the directory's permissions and free space") from None
 
     # ------------------------------------------------------------------------------------- layout
     def _create_layout(self, f: h5py.File) -> None:
@@ -137,17 +165,21 @@ class MetricsLog:
     @classmethod
     def resume(cls, path, task_names: Sequence[str], train_keys: Sequence[str] = TRAIN_KEYS,
                eval_keys: Sequence[str] = EVAL_KEYS, train_task_keys: Sequence[str] = TRAIN_TASK_KEYS,
-               eval_task_keys: Sequence[str] = EVAL_TASK_KEYS, *, last_step: int, console: bool = True) -> "MetricsLog":
+               eval_task_keys: Sequence[str] = EVAL_TASK_KEYS, *, last_step: int, console: bool = True,
+               tensorboard: bool = False) -> "MetricsLog":
         """Reopens the log of a resumed run, keeping only rows with ``step <= last_step``.
 
         The kept rows are copied into a new file that atomically replaces the old one (this also recovers a
-        log whose writer was killed). A missing log is created.
+        log whose writer was killed). A missing log is created. With ``tensorboard`` the event files are cut
+        to ``last_step`` too.
         """
         path = pathlib.Path(path)
         kwargs = dict(train_keys=train_keys, eval_keys=eval_keys, train_task_keys=train_task_keys,
-                      eval_task_keys=eval_task_keys, console=console)
+                      eval_task_keys=eval_task_keys, console=console, tensorboard=tensorboard)
+        if tensorboard:
+            _tensorboard_module()  # fail before rewriting anything
         if not path.exists():
-            return cls(path, task_names, **kwargs)
+            return cls(path, task_names, **kwargs, _last_step=last_step)
         old = read_log(path)
         if old["task_names"] != [str(t) for t in task_names]:
             raise MetricsError(f"{path} logs the tasks {old['task_names']}, this run has {list(task_names)}; use a "
@@ -185,7 +217,7 @@ class MetricsLog:
                 f"cannot rewrite {path} for resuming ({_short(e)}); check free space and permissions") from None
         return cls(path, task_names, train_keys=log.scalar_keys["train"], eval_keys=log.scalar_keys["eval"],
                    train_task_keys=log.task_keys["train"], eval_task_keys=log.task_keys["eval"], console=console,
-                   _append=True)
+                   tensorboard=tensorboard, _append=True, _last_step=last_step)
 
     # ------------------------------------------------------------------------------------- logging
     def log(self, kind: str, step: int, scalars: Mapping | None = None, per_task: Mapping | None = None) -> str:
@@ -230,12 +262,20 @@ class MetricsLog:
             self._f.flush()
         except OSError as e:
             raise MetricsError(f"cannot append to {self.path} ({_short(e)}); check free space") from None
+        if self._tb is not None:
+            try:
+                self._tb.write(kind, int(step), values, rows)
+            except OSError as e:
+                raise MetricsError(f"cannot append to {self._tb.path} ({_short(e)}); check free space") from None
         line = format_line(kind, int(step), values)
         if self.console:
             echo(line)
         return line
 
     def close(self) -> None:
+        if getattr(self, "_tb", None) is not None:
+            self._tb.close()
+            self._tb = None
         if getattr(self, "_f", None) is not None:
             self._f.close()
             self._f = None
