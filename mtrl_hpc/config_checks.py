@@ -90,6 +90,7 @@ def check_config(cfg) -> list[str]:
         need(not bad, f"agent.multitask.task_encoder_cfg.losses_to_train has {bad}; choose from {', '.join(TASK_ENCODER_LOSSES)}")
         need(mt.task_encoder_cfg.model_cfg.num_embeddings >= env.num_envs,
              "agent.multitask.task_encoder_cfg.model_cfg.num_embeddings must be >= the number of tasks")
+    problems.extend(_check_task_conditioned_encoder(agent))
     pretrained = mt.task_encoder_cfg.model_cfg.pretrained_embedding_cfg
     if pretrained.should_use:
         key = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
@@ -103,6 +104,27 @@ def check_config(cfg) -> list[str]:
     need(rb.batch_size >= env.num_envs,
          f"replay_buffer.batch_size={rb.batch_size} is smaller than the {env.num_envs} tasks: every task needs a share of each batch")
     need(rb.capacity >= env.num_envs, f"replay_buffer.capacity={rb.capacity} must hold at least one transition per task")
+    return problems
+
+
+def _check_task_conditioned_encoder(agent) -> list[str]:
+    """FiLM reads the task encoding; it must exist, reach the encoder and have the size FiLM splits."""
+    kind = agent.encoder.type_to_select
+    if kind != "film":
+        return []
+    mt, problems = agent.multitask, []
+    if not mt.should_use_task_encoder:
+        problems.append(f"agent.encoder.type_to_select={kind} needs agent.multitask.should_use_task_encoder=True "
+                        "(its gains and shifts come from the task encoding)")
+    for part in ("actor_cfg", "critic_cfg"):
+        if not mt[part].should_condition_encoder_on_task_info:
+            problems.append(f"agent.encoder.type_to_select={kind} reads the task encoding: set "
+                            f"agent.multitask.{part}.should_condition_encoder_on_task_info=True")
+    want = 2 * (agent.encoder.film.num_layers + 1)
+    got = mt.task_encoder_cfg.model_cfg.output_dim
+    if mt.should_use_task_encoder and got != want:
+        problems.append(f"agent.multitask.task_encoder_cfg.model_cfg.output_dim={got}: the FiLM encoder needs "
+                        f"2 * (agent.encoder.film.num_layers + 1) = {want} (a gain and a shift per layer)")
     return problems
 
 

@@ -83,7 +83,7 @@ def test_defaults_follow_mtrl():
     (["experiment.num_train_steps=-1"], "experiment.num_train_steps=-1 must be an integer >= 0"),
     (["experiment.eval_freq=0"], "experiment.eval_freq=0 must be an integer > 0"),
     (["experiment.save.freq=-10"], "experiment.save.freq=-10 must be an integer >= 0"),
-    (["agent.encoder.type_to_select=moe"], "agent.encoder.type_to_select='moe' is not available; choose one of identity, feedforward"),
+    (["agent.encoder.type_to_select=pixel"], "agent.encoder.type_to_select='pixel' is not available; choose one of identity, feedforward"),
     (["replay_buffer.obs_dtype=int8"], "replay_buffer.obs_dtype='int8'"),
     (["agent.optimizers.actor._target_=os.system"], "agent.optimizers.actor._target_='os.system' is not available"),
     (["env=metaworld-mt1", "env.task_name=reach-v2"], "env.task_name='reach-v2' is not a MetaWorld v3 task; did you mean env.task_name=reach-v3?"),

@@ -70,7 +70,7 @@ def init_weights(module: nn.Module, scheme: str) -> None:
             m.reset_parameters(scheme)
 
 
-def _layer_sizes(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> list[tuple[int, int]]:
+def layer_sizes(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> list[tuple[int, int]]:
     """mtrl's build_mlp shapes: num_layers hidden layers of hidden_dim, then the output layer."""
     if num_layers == 0:
         return [(in_dim, out_dim)]
@@ -95,8 +95,8 @@ class StackedMLP(nn.Module):
         self.num_tasks = num_tasks
         self.multi_head = head_layers is not None
         trunk_out = hidden_dim if self.multi_head else out_dim
-        self.trunk = nn.ModuleList(StackedLinear(members, i, o) for i, o in _layer_sizes(in_dim, hidden_dim, trunk_out, num_layers))
-        heads = _layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
+        self.trunk = nn.ModuleList(StackedLinear(members, i, o) for i, o in layer_sizes(in_dim, hidden_dim, trunk_out, num_layers))
+        heads = layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
         self.heads = nn.ModuleList(StackedLinear(members * num_tasks, i, o) for i, o in heads)
         # Norms of the hidden layers: trunk layer i (all but the last, or all before heads), head layer i.
         trunk_hidden = len(self.trunk) if self.multi_head else len(self.trunk) - 1
