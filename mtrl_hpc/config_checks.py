@@ -9,7 +9,8 @@ from mtrl_hpc.agents import AGENTS
 from mtrl_hpc.agents.sac import OPTIMIZERS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
 from mtrl_hpc.nets.mlp import WEIGHT_INITS
-from mtrl_hpc.task_embeddings import how_to_make
+from mtrl_hpc.nets.mixture import ROUTING_MODES
+from mtrl_hpc.task_embeddings import DESCRIPTIONS, MT10, cluster_mask, how_to_make
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TASK_ENCODER_LOSSES = ("critic", "actor")
@@ -61,8 +62,12 @@ def check_config(cfg) -> list[str]:
     need(mt.num_envs == env.num_envs,
          f"agent.multitask.num_envs={mt.num_envs} but env={env.name} has {env.num_envs} tasks; set agent.multitask.num_envs={env.num_envs}")
     need(agent.name in AGENTS, f"agent.name={agent.name!r} is not available; choose one of {', '.join(AGENTS)}")
-    need(agent.encoder.type_to_select in ENCODER_TYPES,
-         f"agent.encoder.type_to_select={agent.encoder.type_to_select!r} is not available; choose one of {', '.join(ENCODER_TYPES)}")
+    if agent.encoder.type_to_select == "fmoe":
+        problems.append("agent.encoder.type_to_select=fmoe: mtrl lists a factorized mixture in its config but never "
+                        "implemented it, and neither does mtrl_hpc; use agent.encoder.type_to_select=moe")
+    else:
+        need(agent.encoder.type_to_select in ENCODER_TYPES,
+             f"agent.encoder.type_to_select={agent.encoder.type_to_select!r} is not available; choose one of {', '.join(ENCODER_TYPES)}")
     for name, opt in agent.optimizers.items():
         need(opt["_target_"] in OPTIMIZERS,
              f"agent.optimizers.{name}._target_={opt['_target_']!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
@@ -90,7 +95,7 @@ def check_config(cfg) -> list[str]:
         need(not bad, f"agent.multitask.task_encoder_cfg.losses_to_train has {bad}; choose from {', '.join(TASK_ENCODER_LOSSES)}")
         need(mt.task_encoder_cfg.model_cfg.num_embeddings >= env.num_envs,
              "agent.multitask.task_encoder_cfg.model_cfg.num_embeddings must be >= the number of tasks")
-    problems.extend(_check_task_conditioned_encoder(agent))
+    problems.extend(_check_task_conditioned_encoder(agent, env))
     pretrained = mt.task_encoder_cfg.model_cfg.pretrained_embedding_cfg
     if pretrained.should_use:
         key = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
@@ -107,24 +112,60 @@ def check_config(cfg) -> list[str]:
     return problems
 
 
-def _check_task_conditioned_encoder(agent) -> list[str]:
-    """FiLM reads the task encoding; it must exist, reach the encoder and have the size FiLM splits."""
-    kind = agent.encoder.type_to_select
-    if kind != "film":
-        return []
-    mt, problems = agent.multitask, []
+def _check_task_conditioned_encoder(agent, env) -> list[str]:
+    """FiLM and the attention/gate mixtures read the task encoding: it must exist, reach the encoder and have the
+    size they need; the mixtures' routing must fit the tasks."""
+    kind, mt, problems = agent.encoder.type_to_select, agent.multitask, []
+    reads_encoding = kind == "film"
+    if kind == "moe":
+        problems.extend(_check_mixture(agent.encoder.moe, env))
+        mode = agent.encoder.moe.task_id_to_encoder_id_cfg.mode
+        reads_encoding = mode in ("gate", "attention") and \
+            agent.encoder.moe.task_id_to_encoder_id_cfg[mode].task_encoder_cfg.should_use_task_encoding
+    if not reads_encoding:
+        return problems
+    what = "agent.encoder.type_to_select=film" if kind == "film" else \
+        f"agent.encoder.moe.task_id_to_encoder_id_cfg.mode={mode} with should_use_task_encoding"
     if not mt.should_use_task_encoder:
-        problems.append(f"agent.encoder.type_to_select={kind} needs agent.multitask.should_use_task_encoder=True "
-                        "(its gains and shifts come from the task encoding)")
+        problems.append(f"{what} needs agent.multitask.should_use_task_encoder=True (it reads the task encoding)")
     for part in ("actor_cfg", "critic_cfg"):
         if not mt[part].should_condition_encoder_on_task_info:
-            problems.append(f"agent.encoder.type_to_select={kind} reads the task encoding: set "
-                            f"agent.multitask.{part}.should_condition_encoder_on_task_info=True")
-    want = 2 * (agent.encoder.film.num_layers + 1)
-    got = mt.task_encoder_cfg.model_cfg.output_dim
-    if mt.should_use_task_encoder and got != want:
-        problems.append(f"agent.multitask.task_encoder_cfg.model_cfg.output_dim={got}: the FiLM encoder needs "
-                        f"2 * (agent.encoder.film.num_layers + 1) = {want} (a gain and a shift per layer)")
+            problems.append(f"{what} reads the task encoding: set agent.multitask.{part}.should_condition_encoder_on_task_info=True")
+    if kind == "film":
+        want = 2 * (agent.encoder.film.num_layers + 1)
+        got = mt.task_encoder_cfg.model_cfg.output_dim
+        if mt.should_use_task_encoder and got != want:
+            problems.append(f"agent.multitask.task_encoder_cfg.model_cfg.output_dim={got}: the FiLM encoder needs "
+                            f"2 * (agent.encoder.film.num_layers + 1) = {want} (a gain and a shift per layer)")
+    return problems
+
+
+def _check_mixture(moe, env) -> list[str]:
+    key = "agent.encoder.moe"
+    route, experts, problems = moe.task_id_to_encoder_id_cfg, moe.num_experts, []
+    if route.mode not in ROUTING_MODES:
+        return [f"{key}.task_id_to_encoder_id_cfg.mode={route.mode!r} is not available; choose one of {', '.join(ROUTING_MODES)}"]
+    if not (isinstance(experts, int) and experts >= 1):
+        return [f"{key}.num_experts={experts} must be an integer >= 1"]
+    if route.mode == "identity" and experts != env.num_envs:
+        problems.append(f"{key}.num_experts={experts}: mode=identity gives each task its own expert; set {key}.num_experts={env.num_envs}")
+    if route.mode == "cluster":
+        clusters = route.cluster.clusters
+        if experts != len(clusters):
+            problems.append(f"{key}.num_experts={experts}: mode=cluster has one expert per cluster; set {key}.num_experts={len(clusters)}")
+        names = [env.task_name] if env.name == "metaworld-mt1" else list(MT10) if env.num_envs == 10 else list(DESCRIPTIONS)
+        names = [n for n in names if n in DESCRIPTIONS]  # an unknown MT1 name is reported by its own check
+        if names:
+            unmatched = [n for n, row in zip(names, cluster_mask(dict(clusters), names)) if not row.any()]
+            if unmatched:
+                problems.append(f"{key}.task_id_to_encoder_id_cfg.cluster.clusters match no word of the description of "
+                                f"{', '.join(unmatched)}; add a keyword so every task has an expert")
+    if route.mode in ("gate", "attention"):
+        c = route[route.mode]
+        if not c.temperature > 0:
+            problems.append(f"{key}.task_id_to_encoder_id_cfg.{route.mode}.temperature={c.temperature} must be > 0")
+        if route.mode == "gate" and not (isinstance(c.topk, int) and 1 <= c.topk <= experts):
+            problems.append(f"{key}.task_id_to_encoder_id_cfg.gate.topk={c.topk} must be an integer in [1, {key}.num_experts={experts}]")
     return problems
 
 

@@ -94,6 +94,19 @@ def task_stem(name: str) -> str:
     return _VERSION.sub("", name)
 
 
+def cluster_mask(clusters: dict[str, list[str]], task_names: list[str]) -> torch.Tensor:
+    """[tasks, clusters] 0/1: 1 where one of the cluster's keywords is a whole word (or phrase) of the task's
+    description, case-insensitive (mtrl matched substrings case-sensitively and left 18 of 50 tasks unmatched)."""
+    unknown = [n for n in task_names if n not in DESCRIPTIONS]
+    if unknown:
+        raise ValueError(f"no description for {', '.join(unknown)}: expert clusters are matched against the task descriptions")
+    rows = []
+    for name in task_names:
+        text = DESCRIPTIONS[name].lower()
+        rows.append([float(any(re.search(rf"\b{re.escape(k.lower())}\b", text) for k in words)) for words in clusters.values()])
+    return torch.tensor(rows)
+
+
 def how_to_make(path) -> str:
     return (f"make one with `python -m mtrl_hpc.task_embeddings --model <local transformer model dir> --out {path}` "
             "or copy mtrl's metadata/task_embedding/roberta_small/<env>.json there")

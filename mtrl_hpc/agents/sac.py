@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mtrl_hpc import losses
-from mtrl_hpc.task_embeddings import load_table
+from mtrl_hpc.task_embeddings import cluster_mask, load_table
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
@@ -70,8 +70,11 @@ class SACAgent(nn.Module):
         task_dim = self.task_encoder.output_dim
 
         # The critic owns the encoder (trained by the critic loss); the actor reads its features detached.
-        self.encoder = make_encoder(cfg.encoder, obs_dim)
+        self.encoder = make_encoder(cfg.encoder, obs_dim, num_tasks, task_dim if mt.should_use_task_encoder else None,
+                                    _cluster_mask(cfg.encoder, task_names))
         feature_dim = self.encoder.feature_dim
+        # Rows reach per-task parameters (heads, one expert per task) through one TaskRouting per batch.
+        self.needs_routing = self.multi_head or getattr(self.encoder, "needs_routing", False)
         self.actor = Actor(feature_dim + (task_dim if self.actor_uses_task else 0), action_dim, cfg.actor.hidden_dim,
                            cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers,
                            bool(cfg.actor.layer_norm))
@@ -83,6 +86,7 @@ class SACAgent(nn.Module):
                 init_weights(net, b.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.encoder_target = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.register_buffer("_all_task_ids", torch.arange(num_tasks), persistent=False)
         num_alphas = num_tasks if mt.should_use_disentangled_alpha else 1
         self.log_alpha = nn.Parameter(torch.full((num_alphas,), float(b.init_temperature)).log())
         self.to(device)
@@ -115,7 +119,8 @@ class SACAgent(nn.Module):
     def _task_info(self, task_ids: torch.Tensor, routing: TaskRouting | None, loss: str | None) -> TaskInfo:
         """The one place task information is built for the encoders and trunks: the task encoding (one-hot,
         learned or pretrained) carries gradients only into the losses that train the task encoder."""
-        encoding = self.task_encoder(task_ids)
+        # Encode each task once and gather its rows: the same values and gradients as encoding every row.
+        encoding = self.task_encoder(self._all_task_ids)[task_ids]
         if loss not in self.task_encoder_losses:
             encoding = encoding.detach()
         return TaskInfo(task_ids, encoding, routing)
@@ -128,7 +133,7 @@ class SACAgent(nn.Module):
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
         """Actions for one row per task ([tasks, obs_dim] -> [tasks, action_dim]), grouped by task."""
-        routing = TaskRouting.one_row_per_task(task_ids, self.num_tasks) if self.multi_head else None
+        routing = TaskRouting.one_row_per_task(task_ids, self.num_tasks) if self.needs_routing else None
         task = self._task_info(task_ids, routing, None)
         return self.actor.act(self._inputs(self.encoder(obs, task), task, self.actor_uses_task), sample, task)
 
@@ -146,7 +151,7 @@ class SACAgent(nn.Module):
         T = self.num_tasks
         task_ids = batch.task_ids
         # Per-task heads find each row's task by id (any batch layout); one routing serves every network.
-        routing = TaskRouting.from_batch(batch, T) if self.multi_head else None
+        routing = TaskRouting.from_batch(batch, T) if self.needs_routing else None
         metrics = {}
 
         # Critic: Bellman target with the per-task entropy bonus.
@@ -246,6 +251,15 @@ def _pretrained_table(pretrained_cfg, num_tasks: int, task_names: list[str] | No
     if task_names is None or len(task_names) != num_tasks:
         raise ValueError("pretrained task embeddings need the env's task names (make_agent(..., task_names=env.task_names))")
     return load_table(pretrained_cfg.path_to_load_from, task_names)
+
+
+def _cluster_mask(encoder_cfg, task_names: list[str] | None) -> torch.Tensor | None:
+    if encoder_cfg.type_to_select != "moe" or encoder_cfg.moe.task_id_to_encoder_id_cfg.mode != "cluster":
+        return None
+    if task_names is None:
+        raise ValueError("agent.encoder.moe.task_id_to_encoder_id_cfg.mode=cluster needs the env's task names "
+                         "(make_agent(..., task_names=env.task_names))")
+    return cluster_mask(dict(encoder_cfg.moe.task_id_to_encoder_id_cfg.cluster.clusters), task_names)
 
 
 def _plain_key(key: str) -> str:

@@ -1,16 +1,18 @@
-"""Observation encoders: identity (state observations as they are), a feedforward MLP, or FiLM.
+"""Observation encoders: identity (state observations as they are), a feedforward MLP, FiLM, or a mixture of
+experts (mtrl_hpc.nets.mixture).
 
-Every encoder takes (obs, task): task is the batch's TaskInfo, which task-conditioned encoders (FiLM) read.
+Every encoder takes (obs, task): task is the batch's TaskInfo, which task-conditioned encoders (FiLM, mixtures) read.
 The critic owns the encoder and its optimizer trains it; the actor reads its features detached (mtrl ties the
 actor's encoder to the critic's; its FiLM trunk, never tied, was never trained)."""
 
 import torch
 from torch import nn
 
+from mtrl_hpc.nets.mixture import make_mixture_encoder
 from mtrl_hpc.nets.mlp import StackedLinear, StackedMLP, layer_sizes
 from mtrl_hpc.nets.task_info import TaskInfo
 
-ENCODER_TYPES = ("identity", "feedforward", "film")
+ENCODER_TYPES = ("identity", "feedforward", "film", "moe")
 
 
 class IdentityEncoder(nn.Module):
@@ -58,8 +60,10 @@ class FiLMEncoder(nn.Module):
         return h[0]
 
 
-def make_encoder(encoder_cfg, obs_dim: int) -> nn.Module:
-    """encoder_cfg: the agent.encoder config node (type_to_select picks the entry)."""
+def make_encoder(encoder_cfg, obs_dim: int, num_tasks: int = 1, task_dim: int | None = None,
+                 cluster_mask: torch.Tensor | None = None) -> nn.Module:
+    """encoder_cfg: the agent.encoder config node (type_to_select picks the entry). task_dim: the task encoder's
+    output size (None without one); cluster_mask: [tasks, experts] for moe with mode=cluster."""
     kind = encoder_cfg.type_to_select
     if kind == "identity":
         return IdentityEncoder(obs_dim)
@@ -69,4 +73,6 @@ def make_encoder(encoder_cfg, obs_dim: int) -> nn.Module:
     if kind == "film":
         c = encoder_cfg.film
         return FiLMEncoder(obs_dim, c.hidden_dim, c.num_layers, c.feature_dim)
+    if kind == "moe":
+        return make_mixture_encoder(encoder_cfg.moe, obs_dim, num_tasks, task_dim, cluster_mask)
     raise ValueError(f"agent.encoder.type_to_select={kind!r} is not available; choose one of {', '.join(ENCODER_TYPES)}")
