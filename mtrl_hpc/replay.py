@@ -35,7 +35,9 @@ ascending task order (task 0's rows first). Rules, in order:
 The returned tensors are float32 (task_ids, indices int64; ``indices`` are rows within the task's storage)
 and are **reused by the next call of the same batch size**: clone what must outlive it. On CUDA, ``sample``
 does not synchronise with the host. ``add`` reads task ids on the host (task ids given as a CUDA tensor cost
-one sync).
+one sync). Its inputs may be reused by the caller as soon as it returns: host arrays and pageable tensors go to
+the device by a non-blocking copy (CUDA stages pageable memory before the call returns), pinned tensors by a
+synchronous one. numpy inputs in any byte order and with any strides are accepted on every device.
 
 Performance notes: a sampled transition is one record of a few adjacent cache lines (336 bytes for MT10
 shapes), not rows of five arrays of hundreds of MB; ``sample`` on a large buffer is bound by how many cache
@@ -139,6 +141,13 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
+def _plain(x: np.ndarray) -> np.ndarray:
+    """``x`` in native byte order without negative strides: torch.from_numpy and torch.as_tensor refuse both."""
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x if all(s >= 0 for s in x.strides) else np.ascontiguousarray(x)
+
+
 def _storage(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -192,22 +201,27 @@ class ReplayBuffer:
     # ---------------------------------------------------------------- writing
     def _tensor(self, x, name: str) -> torch.Tensor:
         """Inputs as tensors on the buffer's device; integers become float32 (floats and bools pass as they are:
-        the op converts while writing)."""
-        if self._on_cpu and type(x) is np.ndarray and x.dtype.kind in "fb" and x.flags.c_contiguous:
+        the op converts while writing). The caller may overwrite its arrays as soon as add() returns."""
+        if self._on_cpu and type(x) is np.ndarray and x.dtype.kind in "fb" and x.flags.c_contiguous \
+                and x.dtype.isnative:
             return torch.from_numpy(x)
         if isinstance(x, torch.Tensor):
             if not (x.is_floating_point() or x.dtype in (torch.bool, torch.uint8) or x.is_complex()):
                 x = x.float()
-            return x if x.device == self.device else x.to(self.device, non_blocking=True)
+            if x.device == self.device:
+                return x
+            # A non-blocking copy from pinned memory reads it after add() has returned, when the caller may
+            # already be refilling it (and one into host memory may still be running when the op reads it):
+            # copy synchronously. From pageable memory CUDA stages the bytes before the call returns.
+            blocking = self._on_cpu or (x.device.type == "cpu" and x.is_pinned())
+            return x.to(self.device, non_blocking=not blocking)
         if isinstance(x, np.ndarray) and x.dtype.kind == "i":
             x = x.astype(np.float32)
-        if isinstance(x, np.ndarray) and self.device.type == "cpu" and x.dtype.kind in "fbu":
-            try:
-                return torch.from_numpy(x)
-            except (ValueError, TypeError):  # negative strides, non-native byte order
-                return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
+        if isinstance(x, np.ndarray) and x.dtype.kind in "fbu":
+            t = torch.from_numpy(_plain(x))
+            return t if self._on_cpu else t.to(self.device, non_blocking=True)  # pageable: staged at once
         try:
-            return torch.as_tensor(np.asarray(x), device=self.device)
+            return torch.as_tensor(_plain(np.asarray(x)), device=self.device)
         except (TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"add(): {name} must be a tensor or numpy array, got {type(x).__name__}: {error}") from None
 

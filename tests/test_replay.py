@@ -195,6 +195,78 @@ def test_add_accepts_tensors_and_column_shapes():
     assert rb.sample(4).obs.shape == (4, 2, 3)
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
+def _relayout(x, layout):
+    """x's values as a big-endian array, a view with negative strides, or both."""
+    if not isinstance(x, np.ndarray):
+        return x
+    if layout in ("big_endian", "both"):
+        x = x.astype(x.dtype.newbyteorder(">"))
+    if layout in ("negative_strides", "both"):
+        x = np.flip(np.ascontiguousarray(np.flip(x)))
+        assert x.ndim == 0 or min(x.strides) < 0
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["big_endian", "negative_strides", "both"])
+def test_add_accepts_numpy_in_any_byte_order_and_with_negative_strides(device, layout):
+    """torch.from_numpy refuses big-endian arrays and negative strides; add() must store from them what it
+    stores from plain native arrays, on every device."""
+    rng = np.random.default_rng(2)
+    plain = ReplayBuffer(3, 4, (5,), (2,), device=device)
+    other = ReplayBuffer(3, 4, (5,), (2,), device=device)
+    steps = [step(rng, 3), step(rng, 3, dtype=np.float32), step(rng, 3, ids=[2, 2, 0, 2, 2])]
+    steps[1].update(reward=np.arange(3, dtype=np.int32), done=np.array([0, 1, 0], dtype=np.float32),
+                    task_ids=np.array([1, 0, 2], dtype=np.int32))
+    for s in steps:
+        with pytest.raises(ValueError):  # the premise
+            torch.from_numpy(_relayout(s["obs"], layout))
+        plain.add(**s)
+        other.add(**{k: _relayout(v, layout) for k, v in s.items()})
+    for name in ("obs", "action", "reward", "next_obs", "not_done", "added"):
+        assert torch.equal(getattr(other, name), getattr(plain, name)), name
+    # and the plain buffer holds the values given (rows of task 1: step 0, then step 1's first row)
+    assert torch.equal(plain.obs[1, :2].cpu(), torch.from_numpy(np.stack([steps[0]["obs"][1], steps[1]["obs"][0]])).float())
+    assert plain.reward[1, :2].tolist() == [np.float32(steps[0]["reward"][1]), 0.0]
+    assert plain.not_done[0, 1].item() == 0.0  # step 1 gave task 0 done=1
+
+
+@NEEDS_CUDA
+def test_cuda_add_from_pinned_memory_the_caller_refills_at_once():
+    """A pinned input refilled as soon as add() returns: the buffer holds the values of the call, even with
+    the GPU busy (a non-blocking copy would still be queued behind the work when the refill happens)."""
+    T, O = 4, 4096
+    rb = ReplayBuffer(T, 8, (O,), (4,), device="cuda")
+    obs, action = torch.randn(T, O).pin_memory(), torch.rand(T, 4).pin_memory()
+    reward, done = torch.randn(T).pin_memory(), torch.tensor([0.0, 1.0, 0.0, 0.0]).pin_memory()
+    want = [x.clone() for x in (obs, action, reward, done)]
+    torch.cuda._sleep(100_000_000)  # some tens of ms of GPU work ahead of the copies
+    rb.add(obs, action, reward, obs, done, np.arange(T))
+    for x in (obs, action, reward, done):
+        x.fill_(-7.0)
+    torch.cuda.synchronize()
+    assert torch.equal(rb.obs[:, 0].cpu(), want[0]) and torch.equal(rb.next_obs[:, 0].cpu(), want[0])
+    assert torch.equal(rb.action[:, 0].cpu(), want[1])
+    assert torch.equal(rb.reward[:, 0].cpu(), want[2])
+    assert torch.equal(rb.not_done[:, 0].cpu(), 1 - want[3])
+
+
+@NEEDS_CUDA
+def test_cuda_inputs_to_a_cpu_buffer_are_read_after_their_copy():
+    """CUDA tensors given to a CPU buffer: the op must read them once the device-to-host copy is done."""
+    rb = ReplayBuffer(2, 4, (1 << 16,), (2,))
+    base = torch.randn(2, 1 << 16, device="cuda")
+    torch.cuda._sleep(100_000_000)
+    obs = base * 2  # queued behind the sleep
+    zeros = torch.zeros(2, device="cuda")
+    rb.add(obs, torch.zeros(2, 2, device="cuda"), zeros, obs, zeros, [0, 1])
+    assert torch.equal(rb.obs[:, 0], (base * 2).cpu()) and torch.equal(rb.next_obs[:, 0], (base * 2).cpu())
+
+
 # ----------------------------------------------------------------------------- sample: rule parity
 @pytest.mark.parametrize("batch_size", [1, 7, 30, 1280, 1283])
 def test_sample_matches_python_reference_exactly(batch_size):
