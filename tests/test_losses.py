@@ -4,6 +4,8 @@ Tolerances: float64 rtol=1e-10 / atol=1e-12 (the kernels accumulate in double, t
 so only summation order differs); float32 rtol=1e-5 / atol=1e-5 (the reference sums in float32).
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -184,6 +186,27 @@ def test_matches_reference_on_any_task_layout(num_tasks, ids, shared_alpha, weig
         for n, g, rg in zip(grad_names, grads, ref_grads):
             rg = torch.zeros_like(b[n]) if rg is None else rg
             torch.testing.assert_close(g, rg, **TOL[dtype], msg=lambda m, n=n, name=name: f"{name}, gradient of {n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_is_exp_of_log_alpha_rounded_once(dtype):
+    """alpha = exp(log_alpha), read back through actor_loss's gradient with respect to log_prob (one row per
+    task, upstream gradient 1: the gradient is alpha itself). float32: exp in double rounded once to float
+    (what the CUDA kernels compute too); float64: within 1 ulp of math.exp. Overflow gives inf, underflow 0."""
+    extremes = [0.0, -0.0, -87.5, -103.0, -110.0, 88.5, 89.0, -700.0, -745.0, 709.0, 710.0, -746.0]
+    log_alpha = torch.cat([torch.linspace(-30, 10, 4096, dtype=torch.float64),
+                           torch.tensor(extremes, dtype=torch.float64)]).to(dtype)
+    T = log_alpha.numel()
+    zeros = torch.zeros(T, dtype=dtype)
+    alpha = torch.ops.mtrl_hpc.actor_loss_backward(torch.ones(T, dtype=dtype), zeros, zeros, zeros, log_alpha,
+                                                   torch.arange(T), None, T)[0]
+    want = torch.tensor([math.exp(x) if x < 709.78 else math.inf for x in log_alpha.double().tolist()],
+                        dtype=torch.float64)
+    if dtype == torch.float32:
+        assert torch.equal(alpha, want.float())
+    else:
+        ulps = (alpha.view(torch.int64) - want.view(torch.int64)).abs()  # all values >= 0: bits order them
+        assert int(ulps.max()) <= 1
 
 
 def test_missing_tasks_give_zero_loss_and_no_gradient():

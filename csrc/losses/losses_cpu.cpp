@@ -7,7 +7,6 @@
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <limits>
 
 #include "losses/losses_api.h"
@@ -26,13 +25,13 @@ inline int64_t task_of(const char* op, const int64_t* ids, int64_t stride, int64
   return t;
 }
 
-// exp(log_alpha[k(t)]) for every task, detached.
+// exp(log_alpha[k(t)]) for every task, detached; alpha_of is the function the CUDA kernels call.
 template <typename S>
 c10::SmallVector<S, 64> alphas(const Tensor& log_alpha, int64_t num_tasks) {
   const Strided<S> la = strided<S>(log_alpha);
   const bool shared = log_alpha.size(0) == 1;
   c10::SmallVector<S, 64> a(num_tasks);
-  for (int64_t t = 0; t < num_tasks; ++t) a[t] = std::exp(la[shared ? 0 : t]);
+  for (int64_t t = 0; t < num_tasks; ++t) a[t] = alpha_of(la[shared ? 0 : t]);
   return a;
 }
 
@@ -213,7 +212,8 @@ Tensor temperature_loss_cpu(const Tensor& log_prob, const Tensor& log_alpha, con
     const bool shared = log_alpha.size(0) == 1;
     S* o = out.mutable_data_ptr<S>();
     for (int64_t t = 0; t < num_tasks; ++t) {
-      o[t] = static_cast<S>(-static_cast<double>(w[t]) * static_cast<double>(la[shared ? 0 : t]) * mean[t]);
+      o[t] = static_cast<S>(temperature_task_term(static_cast<double>(la[shared ? 0 : t]),
+                                                  static_cast<double>(w[t]), mean[t]));
     }
   });
   return out;
@@ -233,7 +233,7 @@ Tensor temperature_loss_backward_cpu(const Tensor& grad, const Tensor& log_prob,
     const bool shared = log_alpha.size(0) == 1;
     Sums acc(log_alpha.size(0), 0.0);
     for (int64_t t = 0; t < num_tasks; ++t) {
-      acc[shared ? 0 : t] += -static_cast<double>(g[t]) * static_cast<double>(w[t]) * mean[t];
+      acc[shared ? 0 : t] += temperature_task_term(static_cast<double>(g[t]), static_cast<double>(w[t]), mean[t]);
     }
     S* o = g_la.mutable_data_ptr<S>();
     for (int64_t k = 0; k < log_alpha.size(0); ++k) o[k] = static_cast<S>(acc[k]);

@@ -6,7 +6,6 @@
 // outside [0, num_tasks) turns every task's loss into NaN, and its own gradients into NaN.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -43,9 +42,6 @@ Weights<S> weights_view(const OptTensor& w) {
 }
 
 __device__ inline bool bad_id(int64_t id, int64_t num_tasks) { return id < 0 || id >= num_tasks; }
-
-__device__ inline double device_exp(double x) { return exp(x); }
-__device__ inline float device_exp(float x) { return expf(x); }
 
 // Block-wide sum of (s, n) and OR of bad, in a fixed order; every thread gets the result.
 __device__ void block_reduce(double& s, long long& n, int& bad) {
@@ -100,7 +96,7 @@ CriticArgs<S> critic_args(const Tensor& q1, const Tensor& q2, const Tensor& targ
 template <typename S>
 __global__ void critic_forward_kernel(CriticArgs<S> a, S* out) {
   const int64_t t = blockIdx.x;
-  const S alpha = device_exp(a.log_alpha[a.shared_alpha ? 0 : t]);
+  const S alpha = alpha_of(a.log_alpha[a.shared_alpha ? 0 : t]);
   double s = 0.0;
   long long n = 0;
   int bad = 0;
@@ -128,7 +124,7 @@ __global__ void critic_backward_kernel(CriticArgs<S> a, Strided<S> grad, S* g1, 
   int bad = 0;
   for (int64_t i = threadIdx.x; i < a.rows; i += kThreads) n += a.ids[i] == t;
   block_reduce(unused, n, bad);
-  const S alpha = device_exp(a.log_alpha[a.shared_alpha ? 0 : t]);
+  const S alpha = alpha_of(a.log_alpha[a.shared_alpha ? 0 : t]);
   const S scale = n > 0 ? grad[t] * a.w[t] / static_cast<S>(n) : S(0);
   for (int64_t i = threadIdx.x; i < a.rows; i += kThreads) {
     const int64_t id = a.ids[i];
@@ -203,7 +199,7 @@ ActorArgs<S> actor_args(const Tensor& log_prob, const Tensor& q1_pi, const Tenso
 template <typename S>
 __global__ void actor_forward_kernel(ActorArgs<S> a, S* out) {
   const int64_t t = blockIdx.x;
-  const S alpha = device_exp(a.log_alpha[a.shared_alpha ? 0 : t]);
+  const S alpha = alpha_of(a.log_alpha[a.shared_alpha ? 0 : t]);
   double s = 0.0;
   long long n = 0;
   int bad = 0;
@@ -230,7 +226,7 @@ __global__ void actor_backward_kernel(ActorArgs<S> a, Strided<S> grad, S* g_lp, 
   int bad = 0;
   for (int64_t i = threadIdx.x; i < a.rows; i += kThreads) n += a.ids[i] == t;
   block_reduce(unused, n, bad);
-  const S alpha = device_exp(a.log_alpha[a.shared_alpha ? 0 : t]);
+  const S alpha = alpha_of(a.log_alpha[a.shared_alpha ? 0 : t]);
   const S scale = n > 0 ? grad[t] * a.w[t] / static_cast<S>(n) : S(0);
   for (int64_t i = threadIdx.x; i < a.rows; i += kThreads) {
     const int64_t id = a.ids[i];
@@ -282,12 +278,13 @@ std::tuple<Tensor, Tensor, Tensor> actor_loss_backward_cuda(const Tensor& grad, 
 
 // ---- temperature ----
 
-// Per task: coef[t] = scale[t] * mean_t(log_prob + target_entropy), where scale = -w (forward, then times
-// log_alpha) or -grad * w (backward: d loss_t / d log_alpha[k(t)]).
+// Per task: term[t] = -factor[t] * w[t] * mean_t(log_prob + target_entropy), where factor = log_alpha[k(t)]
+// (forward) or grad[t] (backward: d loss_t / d log_alpha[k(t)]). Written rounded to S (out) or, for a shared
+// log_alpha's backward, in double (terms) for sum_terms_kernel.
 template <typename S>
 __global__ void temperature_kernel(Strided<S> log_prob, TaskIds ids, Weights<S> w, Strided<S> log_alpha,
                                    bool shared_alpha, Strided<S> grad, bool backward, S target_entropy, int64_t rows,
-                                   int64_t tasks, S* out) {
+                                   int64_t tasks, S* out, double* terms) {
   const int64_t t = blockIdx.x;
   double s = 0.0;
   long long n = 0;
@@ -303,25 +300,45 @@ __global__ void temperature_kernel(Strided<S> log_prob, TaskIds ids, Weights<S> 
   }
   block_reduce(s, n, bad);
   if (threadIdx.x == 0) {
-    const double mean = task_mean(s, n);
     const double factor = backward ? static_cast<double>(grad[t]) : static_cast<double>(log_alpha[shared_alpha ? 0 : t]);
-    out[t] = bad ? nan_value<S>() : static_cast<S>(-static_cast<double>(w[t]) * factor * mean);
+    const double term = bad ? nan_value<double>() : temperature_task_term(factor, static_cast<double>(w[t]), task_mean(s, n));
+    if (terms != nullptr) {
+      terms[t] = term;
+    } else {
+      out[t] = static_cast<S>(term);
+    }
   }
+}
+
+// The gradient of a shared log_alpha: the tasks' terms summed in double in task order, rounded once, as the
+// CPU kernel does (a float sum of rounded terms would differ from it in the last bits).
+template <typename S>
+__global__ void sum_terms_kernel(const double* terms, int64_t tasks, S* out) {
+  double acc = 0.0;
+  for (int64_t t = 0; t < tasks; ++t) acc += terms[t];
+  out[0] = static_cast<S>(acc);
 }
 
 Tensor temperature_cuda(const Tensor* grad, const Tensor& log_prob, const Tensor& log_alpha, const Tensor& task_ids,
                         const OptTensor& task_weights, double target_entropy, int64_t num_tasks, int64_t rows) {
   const c10::cuda::CUDAGuard device_guard(log_prob.device());
-  Tensor out = at::empty({num_tasks}, log_prob.options());
+  const bool shared = log_alpha.size(0) == 1;
+  const bool sum_over_tasks = grad != nullptr && shared;
+  Tensor out = at::empty({sum_over_tasks ? 1 : num_tasks}, log_prob.options());
+  Tensor terms = sum_over_tasks ? at::empty({num_tasks}, log_prob.options().dtype(at::kDouble)) : Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(log_prob.scalar_type(), "temperature_loss_cuda", [&] {
     using S = scalar_t;
     const Strided<S> g = grad != nullptr ? strided<S>(*grad) : Strided<S>{nullptr, 0};
     temperature_kernel<S><<<num_tasks, kThreads, 0, stream>>>(
         strided<S>(log_prob), task_ids_view(task_ids), weights_view<S>(task_weights), strided<S>(log_alpha),
-        log_alpha.size(0) == 1, g, grad != nullptr, static_cast<S>(target_entropy), rows, num_tasks,
-        out.mutable_data_ptr<S>());
+        shared, g, grad != nullptr, static_cast<S>(target_entropy), rows, num_tasks, out.mutable_data_ptr<S>(),
+        sum_over_tasks ? terms.mutable_data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (sum_over_tasks) {
+      sum_terms_kernel<S><<<1, 1, 0, stream>>>(terms.const_data_ptr<double>(), num_tasks, out.mutable_data_ptr<S>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return out;
 }
@@ -338,10 +355,7 @@ Tensor temperature_loss_backward_cuda(const Tensor& grad, const Tensor& log_prob
                                       int64_t num_tasks) {
   const int64_t rows =
       check_temperature("temperature_loss_backward", log_prob, log_alpha, task_ids, task_weights, num_tasks, &grad);
-  Tensor per_task =
-      temperature_cuda(&grad, log_prob, log_alpha, task_ids, task_weights, target_entropy, num_tasks, rows);
-  // A shared log_alpha collects every task's term (ATen's reduction: fixed order, deterministic).
-  return log_alpha.size(0) == 1 ? at::sum(per_task, {0}, /*keepdim=*/true) : per_task;
+  return temperature_cuda(&grad, log_prob, log_alpha, task_ids, task_weights, target_entropy, num_tasks, rows);
 }
 
 }  // namespace
