@@ -1,5 +1,7 @@
 # Training image for GPU clusters: CUDA devel base, torch, mtrl_hpc with its compiled core prebuilt for
-# A100 (sm_80) and H100 (sm_90).
+# A100 (sm_80), H100/H200 (sm_90), B200/B300 (sm_100) and RTX 50xx / RTX PRO Blackwell (sm_120), plus compute_90
+# PTX that the driver compiles on any other GPU from sm_90 on (without PTX, every op fails on a GPU newer
+# than the listed archs). .ci/check_cuda_build.sh builds with this list and checks the .so holds it.
 #   docker build -t mtrl-hpc .
 #   docker run --gpus all -v "$PWD/runs:/runs" mtrl-hpc setup.seed=1 env=metaworld-mt10
 # Apptainer builds the same steps from apptainer.def (tests/test_containers.py keeps the two in step).
@@ -9,7 +11,7 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.14.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
+ARG TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX;10.0;12.0"
 ARG MAX_JOBS=4
 
 ENV DEBIAN_FRONTEND=noninteractive \
