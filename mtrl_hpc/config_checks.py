@@ -104,6 +104,8 @@ def check_config(cfg) -> list[str]:
         need(os.path.isfile(str(path)), f"{key}.path_to_load_from={path}: no such file; {how_to_make(path)}")
     if mt.should_use_multi_head_policy:
         need(mt.multi_head_policy_cfg.num_layers >= 0, "agent.multitask.multi_head_policy_cfg.num_layers must be >= 0")
+        need(not mt.should_use_disjoint_policy, "agent.multitask.should_use_disjoint_policy=True and should_use_multi_head_policy=True: "
+             "a disjoint policy has no shared trunk to put heads on; choose one")
 
     need(rb.obs_dtype in OBS_DTYPES, f"replay_buffer.obs_dtype={rb.obs_dtype!r}; choose one of {', '.join(OBS_DTYPES)}")
     need(rb.batch_size >= env.num_envs,

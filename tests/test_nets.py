@@ -64,6 +64,23 @@ def test_multi_head_equals_separate_mlps_row_by_row(layout, with_counts):
         assert not grads[1][[m * T + t for m in range(MEMBERS)]].any()
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_disjoint_equals_separate_whole_mlps_row_by_row(layout):
+    task_ids = LAYOUTS[layout]
+    torch.manual_seed(0)
+    net = StackedMLP(MEMBERS, IN, H, OUT, num_layers=2, num_tasks=T, disjoint=True).double()
+    assert len(net.trunk) == 0 and net.heads[0].weight.shape == (MEMBERS * T, IN, H)
+    x = torch.randn(task_ids.numel(), IN, dtype=torch.float64, requires_grad=True)
+    out = net(x, TaskRouting(task_ids, T))
+    ref = torch.stack([torch.stack([apply_plain(plain_mlp_of(net, m, int(t)), x[r]) for r, t in enumerate(task_ids)])
+                       for m in range(MEMBERS)])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    params = [x, *net.parameters()]
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_routing_refuses_counts_that_do_not_fit():
     ids = torch.tensor([0, 0, 1])
     with pytest.raises(ValueError, match="sum to 4, the batch has 3 rows"):

@@ -201,6 +201,8 @@ VARIANTS = {
     "multi_head_unequal": (["agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], UNEQUAL),
     "layer_norm_multi_head": (["agent.critic.layer_norm=True", "agent.actor.layer_norm=True",
                                "agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], UNEQUAL),
+    "disjoint_unequal": (["agent.multitask.should_use_disjoint_policy=True", "agent.multitask.should_use_disentangled_alpha=True",
+                          "agent.critic.layer_norm=True", *NO_TASK_INFO], UNEQUAL),
     "clipped_delayed_unequal": (["agent.multitask.should_use_disentangled_alpha=True",
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
                                  "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",
@@ -224,7 +226,7 @@ def test_updates_equal_an_independent_eager_sac(variant):
         ref.update(batch, step)
     assert_equal_states(agent, ref)
     # The updates moved the weights: the comparison is not between two unchanged copies.
-    assert not torch.allclose(agent.critic.model.trunk[0].weight, agent.critic_target.model.trunk[0].weight)
+    assert not torch.allclose(next(agent.critic.model.parameters()), next(agent.critic_target.model.parameters()))
 
 
 def test_gradient_clipping_changes_the_update():

@@ -58,7 +58,8 @@ class SACAgent(nn.Module):
         self.actor_uses_task = _uses_task_info(mt.actor_cfg)
         self.critic_uses_task = _uses_task_info(mt.critic_cfg)
         head_layers = int(mt.multi_head_policy_cfg.num_layers) if mt.should_use_multi_head_policy else None
-        self.multi_head = head_layers is not None
+        disjoint = bool(mt.should_use_disjoint_policy)
+        self.multi_head = head_layers is not None or disjoint  # per-task layers in actor and critic
 
         if mt.should_use_task_encoder:
             m = mt.task_encoder_cfg.model_cfg
@@ -77,10 +78,10 @@ class SACAgent(nn.Module):
         self.needs_routing = self.multi_head or getattr(self.encoder, "needs_routing", False)
         self.actor = Actor(feature_dim + (task_dim if self.actor_uses_task else 0), action_dim, cfg.actor.hidden_dim,
                            cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers,
-                           bool(cfg.actor.layer_norm))
+                           bool(cfg.actor.layer_norm), disjoint)
         self.critic = TwinCritic(feature_dim + (task_dim if self.critic_uses_task else 0), action_dim,
                                  cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers,
-                                 bool(cfg.critic.layer_norm))
+                                 bool(cfg.critic.layer_norm), disjoint)
         if b.weight_init != "orthogonal":  # the layers start orthogonal
             for net in (self.task_encoder, self.encoder, self.actor, self.critic):
                 init_weights(net, b.weight_init)

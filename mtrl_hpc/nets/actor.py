@@ -13,11 +13,12 @@ _LOG_2PI = math.log(2 * math.pi)
 
 class Actor(nn.Module):
     def __init__(self, in_dim: int, action_dim: int, hidden_dim: int, num_layers: int,
-                 log_std_bounds: tuple[float, float], num_tasks: int, head_layers: int | None, layer_norm: bool = False):
+                 log_std_bounds: tuple[float, float], num_tasks: int, head_layers: int | None, layer_norm: bool = False,
+                 disjoint: bool = False):
         super().__init__()
         self.action_dim = action_dim
         self.log_std_min, self.log_std_max = float(log_std_bounds[0]), float(log_std_bounds[1])
-        self.model = StackedMLP(1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks, head_layers, layer_norm)
+        self.model = StackedMLP(1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks, head_layers, layer_norm, disjoint)
 
     def distribution(self, x: torch.Tensor, task: TaskInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log std (squashed into log_std_bounds) of the pre-tanh Gaussian."""

@@ -84,19 +84,27 @@ class StackedMLP(nn.Module):
     With heads (`head_layers` not None): a shared trunk of `num_layers` hidden layers ending in `hidden_dim`
     features, a ReLU, then per task an MLP of `head_layers` hidden layers to `out_dim` (mtrl's multi-head
     policy: trunk -> ReLU -> per-task FeedForward).
+    Disjoint (`disjoint`): no shared layer; each task has its own whole MLP (mtrl's disjoint policy), all tasks'
+    layers stacked and run as one batched matmul per layer.
     layer_norm: every hidden layer is linear -> layer norm -> ReLU (the output layer stays linear); a critic's
     values then grow only with its last layer's weights, which bounds how far it can extrapolate.
     """
 
     def __init__(self, members: int, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int,
-                 num_tasks: int = 1, head_layers: int | None = None, layer_norm: bool = False):
+                 num_tasks: int = 1, head_layers: int | None = None, layer_norm: bool = False, disjoint: bool = False):
         super().__init__()
+        if disjoint and head_layers is not None:
+            raise ValueError("an MLP is either multi-head or disjoint, not both")
         self.members = members
         self.num_tasks = num_tasks
-        self.multi_head = head_layers is not None
+        self.multi_head = head_layers is not None or disjoint
         trunk_out = hidden_dim if self.multi_head else out_dim
-        self.trunk = nn.ModuleList(StackedLinear(members, i, o) for i, o in layer_sizes(in_dim, hidden_dim, trunk_out, num_layers))
-        heads = layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
+        self.trunk = nn.ModuleList() if disjoint else nn.ModuleList(
+            StackedLinear(members, i, o) for i, o in layer_sizes(in_dim, hidden_dim, trunk_out, num_layers))
+        if disjoint:
+            heads = layer_sizes(in_dim, hidden_dim, out_dim, num_layers)
+        else:
+            heads = layer_sizes(hidden_dim, hidden_dim, out_dim, head_layers) if self.multi_head else []
         self.heads = nn.ModuleList(StackedLinear(members * num_tasks, i, o) for i, o in heads)
         # Norms of the hidden layers: trunk layer i (all but the last, or all before heads), head layer i.
         trunk_hidden = len(self.trunk) if self.multi_head else len(self.trunk) - 1
