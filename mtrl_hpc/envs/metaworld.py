@@ -239,12 +239,15 @@ class MetaWorldMultiTaskEnv:
         truncated = np.full(self.num_tasks, self._t >= self.max_episode_steps)
         return StepResult(obs.copy(), rew.copy(), term.copy(), truncated, succ.copy())
 
-    def evaluate(self, act_fn: Callable[[np.ndarray], np.ndarray], num_episodes: int) -> EvalResult:
+    def evaluate(self, act_fn: Callable[[np.ndarray], np.ndarray], num_episodes: int,
+                 on_step: Callable[[int], None] | None = None) -> EvalResult:
         """MetaWorld's protocol: `num_episodes` episodes per task, all tasks in lockstep.
 
         Episode e of every task uses goal `e % num_goals` (the same goals on every call), and counts
         as a success if the success flag was 1 at any step. `act_fn(obs [T, obs_dim] float32)`
         returns actions [T, action_dim]. Only in mode "eval"; leaves the env needing `reset()`.
+        `on_step(e)`, if given, is called after the reset of episode e and after each of its steps, when
+        `envs` hold the state just reached (a video recorder renders them there).
         """
         if self.mode != "eval":
             raise RuntimeError("evaluate() needs an env built with mode='eval' (a separate object from the training env)")
@@ -260,8 +263,12 @@ class MetaWorldMultiTaskEnv:
             ep_goal[:, e] = self._goal_idx
             alive = np.ones(T, dtype=bool)
             success, reward = ep_success[:, e], ep_reward[:, e]
+            if on_step is not None:
+                on_step(e)
             while True:
                 res = self.step(act_fn(obs))
+                if on_step is not None:
+                    on_step(e)
                 reward += np.where(alive, res.reward, 0.0)
                 np.maximum(success, np.where(alive, res.success, 0.0), out=success)
                 alive &= ~res.terminated

@@ -1,0 +1,125 @@
+"""A trained policy from a checkpoint, for evaluation and notebooks.
+
+    policy = mtrl_hpc.load_policy("outputs/<id>/<date>")    # a run directory (its newest good checkpoint) or a .h5 file
+    actions = policy.act(obs, task_ids)                       # numpy [rows, 39], [rows] -> numpy [rows, 4]
+
+`act` is the actor's deterministic action, tanh of the Gaussian's mean: what the training loop evaluates.
+Only the checkpoint's HDF5 datasets and its config text are read; no code from the file is run.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import warnings
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mtrl_hpc import checkpoint
+from mtrl_hpc.checkpoint import CheckpointError
+
+
+def find_checkpoint(path) -> pathlib.Path:
+    """`path` itself if it is a file, else the newest checkpoint of run directory `path` that verifies.
+
+    Unlike `checkpoint.find_latest_good` this never deletes anything: the run may still be writing. Each
+    newer checkpoint that does not verify is skipped with a RuntimeWarning. Raises CheckpointError when
+    there is none that verifies."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a run directory or a checkpoint file (.h5)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is neither a run directory nor a checkpoint file")
+    ckdir = checkpoint.checkpoint_dir(path)
+    # Names carry the step in 12 digits, so name order is step order.
+    candidates = sorted(ckdir.glob("step_" + "[0-9]" * 12 + ".h5"), reverse=True) if ckdir.is_dir() else []
+    if not candidates:
+        raise CheckpointError(f"{path} holds no checkpoints ({ckdir}/step_*.h5); give a run directory that has "
+                              "written one, or a checkpoint file")
+    skipped = []
+    for candidate in candidates:
+        try:
+            checkpoint.verify(candidate)
+        except checkpoint.CheckpointVersionError:
+            raise
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        for reason in skipped:
+            warnings.warn(f"skipped a newer checkpoint: {reason}", RuntimeWarning, stacklevel=2)
+        return candidate
+    raise CheckpointError(f"none of the {len(candidates)} checkpoints in {ckdir} verifies; the newest: {skipped[0]}")
+
+
+class Policy:
+    """The actor of a checkpoint. Attributes: path, step, config (the run's resolved config), task_names
+    (task id i is task_names[i]), num_tasks, obs_dim, action_dim, device, agent."""
+
+    def __init__(self, agent, config, task_names: list[str], obs_dim: int, action_dim: int, path, step: int,
+                 device: str):
+        self.agent, self.config, self.task_names = agent, config, list(task_names)
+        self.num_tasks, self.obs_dim, self.action_dim = len(self.task_names), obs_dim, action_dim
+        self.path, self.step, self.device = pathlib.Path(path), int(step), device
+
+    def task_id(self, name: str) -> int:
+        try:
+            return self.task_names.index(name)
+        except ValueError:
+            raise ValueError(f"unknown task {name!r}; this policy's tasks: {', '.join(self.task_names)}") from None
+
+    def act(self, obs, task_ids) -> np.ndarray:
+        """Deterministic actions: obs [rows, obs_dim] and task_ids [rows] (ints in [0, num_tasks)) give
+        [rows, action_dim] float32; one obs [obs_dim] with one int task id gives [action_dim]."""
+        obs = np.asarray(obs, dtype=np.float32)
+        ids = np.asarray(task_ids)
+        single = obs.ndim == 1
+        if single:
+            obs, ids = obs[None], ids.reshape(1)
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"obs must have shape [rows, {self.obs_dim}] or [{self.obs_dim}], got {obs.shape}")
+        if ids.shape != (obs.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"task_ids must be {obs.shape[0]} integers (one per obs row), got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_tasks):
+            raise ValueError(f"task_ids must lie in [0, {self.num_tasks}), got {ids.min()}..{ids.max()}")
+        actions = self.agent.act(torch.as_tensor(obs, device=self.device),
+                                 torch.as_tensor(ids, dtype=torch.int64, device=self.device), sample=False)
+        actions = actions.cpu().numpy()
+        return actions[0] if single else actions
+
+
+def load_policy(path, device: str = "cpu") -> Policy:
+    """The policy of a checkpoint file, or of the newest good checkpoint of a run directory.
+
+    device: where the actor runs (cpu, cuda, cuda:N or auto). Raises CheckpointError for a missing, corrupt or
+    incomplete checkpoint."""
+    from mtrl_hpc.agents import make_agent
+    from mtrl_hpc.config_checks import resolve_device
+    from mtrl_hpc.envs.metaworld import MetaWorldMultiTaskEnv
+
+    path = find_checkpoint(path)
+    state, config_yaml = checkpoint.load(path)
+    device = resolve_device(device)
+    try:
+        cfg = OmegaConf.create(config_yaml)
+        task_names = str(state["env"]["task_names"]).split(",")
+        step = int(state["counters"]["step"])
+        modules = state["agent"]["modules"]
+        # The policy runs eagerly: compiling costs far more time than a few evaluations take.
+        cfg.agent.compile = False
+        agent = make_agent(cfg.agent, MetaWorldMultiTaskEnv.obs_dim, MetaWorldMultiTaskEnv.action_dim,
+                           len(task_names), device, task_names=task_names)
+    except (KeyError, TypeError, ValueError, OmegaConfBaseException) as e:
+        raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build ({type(e).__name__}: {e})"
+                              ) from None
+    try:
+        agent.load_state_dict(modules)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the networks do not match the checkpoint's config ({first})") from None
+    agent.eval()
+    return Policy(agent, cfg, task_names, MetaWorldMultiTaskEnv.obs_dim, MetaWorldMultiTaskEnv.action_dim, path,
+                  step, device)

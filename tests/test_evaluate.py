@@ -1,0 +1,204 @@
+"""`python -m mtrl_hpc.evaluate` and `mtrl_hpc.load_policy`: the table against an evaluation loop written here
+on MetaWorld directly, the policy's actions against the live agent that wrote the checkpoint, bad input."""
+
+import csv
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import metaworld
+import numpy as np
+import pytest
+import torch
+
+import mtrl_hpc
+from mtrl_hpc import evaluate
+from mtrl_hpc.experiment import Experiment
+from test_train import TINY, make_cfg
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EPISODE_STEPS = 10  # TINY's env.max_episode_steps
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny MT10 run of 200 steps (180 updates), trained by the command line."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cmd = [sys.executable, "-m", "mtrl_hpc.main", *TINY, "experiment.num_train_steps=200", "experiment.eval_freq=100",
+           "experiment.save.freq=100", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def reference_evaluation(policy, seed: int, episodes: int):
+    """MetaWorld's protocol written out: episode e of each task on its training goal e % 50, EPISODE_STEPS
+    steps, success if the flag was 1 at any step; all tasks act in one batch per step."""
+    bench = metaworld.MT10(seed=seed)
+    names = list(bench.train_classes)
+    goals = [[t for t in bench.train_tasks if t.env_name == n] for n in names]
+    envs = [bench.train_classes[n]() for n in names]
+    ids = np.arange(len(names))
+    success = np.zeros((len(names), episodes))
+    returns = np.zeros((len(names), episodes))
+    for e in range(episodes):
+        obs = []
+        for i, env in enumerate(envs):
+            env.set_task(goals[i][e % len(goals[i])])
+            obs.append(env.reset()[0])
+        for _ in range(EPISODE_STEPS):
+            actions = policy.act(np.array(obs, dtype=np.float32), ids)
+            obs = []
+            for i, env in enumerate(envs):
+                o, r, _, _, info = env.step(actions[i])
+                obs.append(o)
+                returns[i, e] += r
+                success[i, e] = max(success[i, e], info["success"])
+    for env in envs:
+        env.close()
+    return names, success, returns
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_cli_table_matches_an_independent_evaluation(trained_run, seed):
+    episodes = 3
+    args = [str(trained_run), f"episodes={episodes}"] + ([f"seed={seed}"] if seed is not None else [])
+    proc = subprocess.run([sys.executable, "-m", "mtrl_hpc.evaluate", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    used_seed = 1 if seed is None else seed  # default: the run's setup.seed
+    out = trained_run / "evaluation" / f"step_000000000200_seed_{used_seed}_episodes_{episodes}"
+    assert str(out / "evaluation.csv") in proc.stdout
+    with open(out / "evaluation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    record = json.loads((out / "evaluation.json").read_text())
+    for name in ("evaluation.csv", "evaluation.json"):
+        assert (out / name).stat().st_mode & 0o022 == 0  # not group- or world-writable
+
+    policy = mtrl_hpc.load_policy(trained_run)
+    names, success, returns = reference_evaluation(policy, used_seed, episodes)
+    assert [r["task"] for r in rows] == names and len(names) == 10
+    assert all(r["task"] in proc.stdout for r in rows)
+    rate = np.array([float(r["success_rate"]) for r in rows])
+    reward = np.array([float(r["mean_episode_reward"]) for r in rows])
+    assert np.all((rate >= 0) & (rate <= 1)) and all(int(r["episodes"]) == episodes for r in rows)
+    np.testing.assert_array_equal(rate, success.mean(axis=1))
+    # The env sums float32 rewards: equal to float32 precision.
+    np.testing.assert_allclose(reward, returns.mean(axis=1), rtol=1e-5)
+    assert reward.std() > 0  # tasks differ: the comparison sees real returns
+
+    assert record["seed"] == used_seed and record["step"] == 200 and record["episodes"] == episodes
+    assert [t["task"] for t in record["tasks"]] == names
+    for i, task in enumerate(record["tasks"]):
+        assert task["episode_goal"] == list(range(episodes))
+        np.testing.assert_allclose(task["episode_reward"], returns[i], rtol=1e-5)
+    np.testing.assert_allclose(record["mean_success_rate"], success.mean())
+
+
+VARIANTS = {
+    "shared": [],
+    "multi_head_task_encoder": ["agent.multitask.should_use_multi_head_policy=True",
+                                "agent.multitask.should_use_task_encoder=True",
+                                "agent.multitask.actor_cfg.should_condition_model_on_task_info=True"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_load_policy_acts_as_the_agent_that_wrote_the_checkpoint(tmp_path, variant):
+    cfg = make_cfg(tmp_path, *VARIANTS[variant], "experiment.save.freq=0")
+    experiment = Experiment(cfg, tmp_path)
+    try:
+        assert experiment.run() == "finished"
+    finally:
+        experiment.close()
+    agent = experiment.agent
+    policy = mtrl_hpc.load_policy(tmp_path / "checkpoints" / "step_000000000060.h5")
+    assert policy.step == 60 and policy.task_names == experiment.task_names and policy.num_tasks == 10
+
+    def agent_act(obs, ids):
+        return agent.act(torch.as_tensor(obs), torch.as_tensor(ids), sample=False).numpy()
+
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(10, 39)).astype(np.float32)
+    ids = np.arange(10)
+    actions = policy.act(obs, ids)
+    assert actions.shape == (10, 4) and actions.dtype == np.float32
+    np.testing.assert_array_equal(actions, agent_act(obs, ids))
+    assert np.abs(actions).max() <= 1 and not np.allclose(actions, actions[0])
+    # Any rows: tasks repeated, missing and out of order (per-task heads are reached by task id).
+    some = np.array([7, 2, 2, 9, 0])
+    np.testing.assert_array_equal(policy.act(obs[:5], some), agent_act(obs[:5], some))
+    # One observation, one task id.
+    np.testing.assert_allclose(policy.act(obs[3], 3), actions[3], rtol=1e-6, atol=1e-7)
+    assert policy.task_id(experiment.task_names[4]) == 4
+    # Deterministic: the mean action, every time.
+    np.testing.assert_array_equal(policy.act(obs, ids), actions)
+
+
+def test_load_policy_refuses_bad_rows(trained_run):
+    policy = mtrl_hpc.load_policy(trained_run)
+    with pytest.raises(ValueError, match=r"obs must have shape \[rows, 39\]"):
+        policy.act(np.zeros((2, 38)), [0, 1])
+    with pytest.raises(ValueError, match="task_ids must lie in"):
+        policy.act(np.zeros((2, 39)), [0, 10])
+    with pytest.raises(ValueError, match="one per obs row"):
+        policy.act(np.zeros((2, 39)), [0])
+
+
+def assert_one_line_exit_2(status, stderr, expected):
+    lines = stderr.strip().splitlines()
+    assert status == 2 and "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("mtrl_hpc.evaluate: ") and expected in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, trained_run, capsys):
+    good = sorted((trained_run / "checkpoints").glob("step_*.h5"))[-1]
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[:50_000])
+    not_hdf5 = tmp_path / "notes.h5"
+    not_hdf5.write_text("not a checkpoint\n")
+    corrupt_run = tmp_path / "corrupt_run"
+    (corrupt_run / "checkpoints").mkdir(parents=True)
+    shutil.copy(truncated, corrupt_run / "checkpoints" / "step_000000000300.h5")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([tmp_path / "missing"], "does not exist"),
+        ([tmp_path / "empty"], "holds no checkpoints"),
+        ([not_hdf5], "cannot be opened as HDF5"),
+        ([corrupt_run], "none of the 1 checkpoints"),
+        ([trained_run, "episodes=three"], "episodes='three' must be an integer"),
+        ([trained_run, "episodes=0"], "episodes=0 must be >= 1"),
+        ([trained_run, "video_size=15"], "video_size=15 must be even"),
+        ([trained_run, "device=gpu7"], "setup.device='gpu7' is not a device"),
+        ([], "no run directory or checkpoint given"),
+    ]
+    for args, expected in cases:
+        status = evaluate.main([str(a) for a in args])
+        assert_one_line_exit_2(status, capsys.readouterr().err, expected)
+    # The command itself, as a user runs it.
+    for args, expected in [([truncated], "cannot be opened as HDF5"),
+                           ([trained_run, "episode=3"], "unknown option 'episode'")]:
+        proc = subprocess.run([sys.executable, "-m", "mtrl_hpc.evaluate", *map(str, args)], capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+        assert_one_line_exit_2(proc.returncode, proc.stderr, expected)
+
+
+def test_a_newer_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoints", run / "checkpoints")
+    (run / "checkpoints" / "step_000000000900.h5").write_bytes(b"\0" * 1000)
+    with pytest.warns(RuntimeWarning, match="step_000000000900.h5"):
+        policy = mtrl_hpc.load_policy(run)
+    assert policy.step == 200
+    # The run directory is read, never changed: the corrupt file stays for its owner to look at.
+    assert (run / "checkpoints" / "step_000000000900.h5").exists()
+
+
+def test_pyproject_names_the_command():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["mtrl-hpc-evaluate"] == "mtrl_hpc.evaluate:main"
+    assert any(req.startswith("av") for req in project["optional-dependencies"]["video"])
