@@ -212,7 +212,14 @@ class Experiment:
         def act(obs: np.ndarray) -> np.ndarray:
             return self.agent.act(torch.as_tensor(obs, device=self.device), self.task_ids, sample=False).cpu().numpy()
 
-        result = self.eval_env.evaluate(act, self.cfg.experiment.num_eval_episodes)
+        if self.cfg.experiment.save_video:
+            from mtrl_hpc import video  # renders with MuJoCo's GL libraries: only loaded when asked for
+
+            # The first eval episode of each task, as <run_dir>/videos/step_<step>/<task>.mp4.
+            result, _ = video.evaluate_and_record(self.eval_env, act, self.cfg.experiment.num_eval_episodes,
+                                                  self.run_dir / "videos" / f"step_{self.step:012d}")
+        else:
+            result = self.eval_env.evaluate(act, self.cfg.experiment.num_eval_episodes)
         per_task = {"success": result.success_rate, "episode_reward": result.mean_episode_reward}
         scalars = {"episode": self.episode, "success": float(result.success_rate.mean()),
                    "episode_reward": float(result.mean_episode_reward.mean())}
