@@ -10,6 +10,7 @@ from mtrl_hpc.agents.sac import OPTIMIZERS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
 from mtrl_hpc.nets.mlp import WEIGHT_INITS
 from mtrl_hpc.nets.mixture import ROUTING_MODES
+from mtrl_hpc.nets.trunk import TRUNK_MODES
 from mtrl_hpc.task_embeddings import DESCRIPTIONS, MT10, cluster_mask, how_to_make
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -96,6 +97,10 @@ def check_config(cfg) -> list[str]:
         need(mt.task_encoder_cfg.model_cfg.num_embeddings >= env.num_envs,
              "agent.multitask.task_encoder_cfg.model_cfg.num_embeddings must be >= the number of tasks")
     problems.extend(_check_task_conditioned_encoder(agent, env))
+    problems.extend(_check_routed_trunk(agent))
+    need(not mt.should_use_soft_modules_task_weights or mt.should_use_disentangled_alpha,
+         "agent.multitask.should_use_soft_modules_task_weights=True weights tasks by their own temperatures: "
+         "set agent.multitask.should_use_disentangled_alpha=True")
     pretrained = mt.task_encoder_cfg.model_cfg.pretrained_embedding_cfg
     if pretrained.should_use:
         key = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
@@ -139,6 +144,46 @@ def _check_task_conditioned_encoder(agent, env) -> list[str]:
         if mt.should_use_task_encoder and got != want:
             problems.append(f"agent.multitask.task_encoder_cfg.model_cfg.output_dim={got}: the FiLM encoder needs "
                             f"2 * (agent.encoder.film.num_layers + 1) = {want} (a gain and a shift per layer)")
+    return problems
+
+
+def _encoder_feature_dim(encoder) -> int | None:
+    """The encoder's output size where the config fixes it (identity: the observation's, known only to the env)."""
+    kind = encoder.type_to_select
+    if kind in ("feedforward", "film"):
+        return encoder[kind].feature_dim
+    if kind == "moe":
+        return encoder.moe.encoder_cfg.feature_dim
+    return None
+
+
+def _check_routed_trunk(agent) -> list[str]:
+    mt, problems = agent.multitask, []
+    for part, net in (("actor_cfg", "actor"), ("critic_cfg", "critic")):
+        moe = mt[part].moe_cfg
+        if not moe.should_use:
+            continue
+        key = f"agent.multitask.{part}.moe_cfg"
+        if moe.mode not in TRUNK_MODES:
+            problems.append(f"{key}.mode={moe.mode!r} is not available; choose one of {', '.join(TRUNK_MODES)}")
+            continue
+        if not (isinstance(moe.num_experts, int) and moe.num_experts >= 1):
+            problems.append(f"{key}.num_experts={moe.num_experts} must be an integer >= 1")
+        if not mt.should_use_task_encoder:
+            problems.append(f"{key}.mode={moe.mode} routes by the task encoding: set agent.multitask.should_use_task_encoder=True")
+        if not mt[part].should_condition_model_on_task_info:
+            problems.append(f"{key}.mode={moe.mode} reads the task information in the trunk: "
+                            f"set agent.multitask.{part}.should_condition_model_on_task_info=True")
+        if mt.should_use_multi_head_policy or mt.should_use_disjoint_policy:
+            problems.append(f"{key}.should_use=True replaces the trunk: it cannot be combined with "
+                            "agent.multitask.should_use_multi_head_policy or should_use_disjoint_policy")
+        if agent[net].num_layers < 1:
+            problems.append(f"agent.{net}.num_layers={agent[net].num_layers}: {moe.mode} needs at least one layer of modules")
+        features, task_dim = _encoder_feature_dim(agent.encoder), mt.task_encoder_cfg.model_cfg.output_dim
+        if moe.mode == "soft_modularization" and mt.should_use_task_encoder and features is not None and features != task_dim:
+            problems.append(f"{key}.mode=soft_modularization multiplies the encoder's features by the task encoding: "
+                            f"agent.encoder.{agent.encoder.type_to_select} feature_dim={features} must equal "
+                            f"agent.multitask.task_encoder_cfg.model_cfg.output_dim={task_dim}")
     return problems
 
 

@@ -19,6 +19,7 @@ from mtrl_hpc.nets.encoder import make_encoder
 from mtrl_hpc.nets.mlp import init_weights
 from mtrl_hpc.nets.routing import TaskRouting
 from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder, TaskInfo
+from mtrl_hpc.nets.trunk import RoutedTrunk
 
 OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
 
@@ -38,8 +39,15 @@ def make_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
 
 
 def _uses_task_info(flags) -> bool:
+    """Whether the trunk's input has the task encoding appended (a routed trunk reads the task itself)."""
     encoder_side = flags.should_condition_encoder_on_task_info and flags.should_concatenate_task_info_with_encoder
-    return bool(encoder_side or flags.should_condition_model_on_task_info)
+    model_side = flags.should_condition_model_on_task_info and not flags.moe_cfg.should_use
+    return bool(encoder_side or model_side)
+
+
+def _routed_trunk(flags, state_dim: int) -> RoutedTrunk | None:
+    moe = flags.moe_cfg
+    return RoutedTrunk(moe.mode, int(moe.num_experts), state_dim) if moe.should_use else None
 
 
 class SACAgent(nn.Module):
@@ -78,16 +86,17 @@ class SACAgent(nn.Module):
         self.needs_routing = self.multi_head or getattr(self.encoder, "needs_routing", False)
         self.actor = Actor(feature_dim + (task_dim if self.actor_uses_task else 0), action_dim, cfg.actor.hidden_dim,
                            cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers,
-                           bool(cfg.actor.layer_norm), disjoint)
+                           bool(cfg.actor.layer_norm), disjoint, _routed_trunk(mt.actor_cfg, feature_dim))
         self.critic = TwinCritic(feature_dim + (task_dim if self.critic_uses_task else 0), action_dim,
                                  cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers,
-                                 bool(cfg.critic.layer_norm), disjoint)
+                                 bool(cfg.critic.layer_norm), disjoint, _routed_trunk(mt.critic_cfg, feature_dim))
         if b.weight_init != "orthogonal":  # the layers start orthogonal
             for net in (self.task_encoder, self.encoder, self.actor, self.critic):
                 init_weights(net, b.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.encoder_target = copy.deepcopy(self.encoder).requires_grad_(False)
         self.register_buffer("_all_task_ids", torch.arange(num_tasks), persistent=False)
+        self.use_task_weights = bool(mt.should_use_soft_modules_task_weights)
         num_alphas = num_tasks if mt.should_use_disentangled_alpha else 1
         self.log_alpha = nn.Parameter(torch.full((num_alphas,), float(b.init_temperature)).log())
         self.to(device)
@@ -167,8 +176,9 @@ class SACAgent(nn.Module):
         task = self._task_info(task_ids, routing, "critic")
         features = self.encoder(batch.obs, task)
         q1, q2 = self.critic(self._inputs(features, task, self.critic_uses_task), batch.action, task)
+        weights = self._task_weights()
         critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
-                                           self.log_alpha, task_ids, self.discount, T)
+                                           self.log_alpha, task_ids, self.discount, T, weights)
         critic_loss = critic_losses.mean()
         self.step_optimizer("critic", critic_loss)
         metrics["critic_loss"] = critic_loss.detach()
@@ -176,7 +186,7 @@ class SACAgent(nn.Module):
         metrics["batch_reward"] = batch.reward.mean()
 
         if step % self.actor_update_freq == 0:
-            metrics.update(self._update_actor_and_alpha(features.detach(), task_ids, routing))
+            metrics.update(self._update_actor_and_alpha(features.detach(), task_ids, routing, weights))
         if step % self.critic_target_update_freq == 0:
             self._soft_update_targets()
         return metrics
@@ -199,7 +209,15 @@ class SACAgent(nn.Module):
         if self._encoder_pairs[0]:
             torch._foreach_lerp_(*self._encoder_pairs, self.encoder_tau)
 
-    def _update_actor_and_alpha(self, features: torch.Tensor, task_ids: torch.Tensor, routing) -> dict[str, torch.Tensor]:
+    def _task_weights(self) -> torch.Tensor | None:
+        """Soft Modularization's task loss weights, T * softmax(-log_alpha): tasks whose temperature is still high
+        (little learned yet) count less; constants of the update."""
+        if not self.use_task_weights:
+            return None
+        return self.num_tasks * torch.softmax(-self.log_alpha.detach(), dim=0)
+
+    def _update_actor_and_alpha(self, features: torch.Tensor, task_ids: torch.Tensor, routing,
+                                weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
         T = self.num_tasks
         task = self._task_info(task_ids, routing, "actor")
         action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task), task)
@@ -210,7 +228,7 @@ class SACAgent(nn.Module):
         q1, q2 = self.critic(self._inputs(features, critic_task, self.critic_uses_task), action, critic_task)
         for p in self._critic_params:
             p.requires_grad_(True)
-        actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T)
+        actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T, weights)
         actor_loss = actor_losses.mean()
         self.step_optimizer("actor", actor_loss)
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from mtrl_hpc.nets.mlp import StackedMLP
 from mtrl_hpc.nets.task_info import TaskInfo
+from mtrl_hpc.nets.trunk import RoutedTrunk, make_routed_trunk, trunk_forward
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -14,15 +15,20 @@ _LOG_2PI = math.log(2 * math.pi)
 class Actor(nn.Module):
     def __init__(self, in_dim: int, action_dim: int, hidden_dim: int, num_layers: int,
                  log_std_bounds: tuple[float, float], num_tasks: int, head_layers: int | None, layer_norm: bool = False,
-                 disjoint: bool = False):
+                 disjoint: bool = False, routed: RoutedTrunk | None = None):
+        """routed: a trunk that reads the task information (soft modularization) instead of the MLP."""
         super().__init__()
         self.action_dim = action_dim
         self.log_std_min, self.log_std_max = float(log_std_bounds[0]), float(log_std_bounds[1])
-        self.model = StackedMLP(1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks, head_layers, layer_norm, disjoint)
+        self.reads_task = routed is not None
+        if routed is not None:
+            self.model = make_routed_trunk(routed, 1, in_dim, hidden_dim, 2 * action_dim, num_layers)
+        else:
+            self.model = StackedMLP(1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks, head_layers, layer_norm, disjoint)
 
     def distribution(self, x: torch.Tensor, task: TaskInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log std (squashed into log_std_bounds) of the pre-tanh Gaussian."""
-        mu, log_std = self.model(x, task.routing if task is not None else None)[0].chunk(2, dim=-1)
+        mu, log_std = trunk_forward(self.model, self.reads_task, x, task)[0].chunk(2, dim=-1)
         log_std = torch.tanh(log_std)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         return mu, log_std
