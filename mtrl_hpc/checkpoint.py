@@ -135,6 +135,14 @@ def latest_path(run_dir) -> pathlib.Path | None:
     return max(found)[1] if found else None
 
 
+def step_of(path) -> int:
+    """The step a checkpoint file was written at, from its name (step_<12 digits>.h5)."""
+    m = _STEP_RE.match(pathlib.Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path} is not a checkpoint file name (step_<12 digits>.h5)")
+    return int(m.group(1))
+
+
 def find_latest_good(run_dir) -> pathlib.Path | None:
     """The newest checkpoint of ``run_dir`` that verifies, or None; warns about each newer one that does not.
 

@@ -24,7 +24,8 @@ from mtrl_hpc.agents import make_agent
 from mtrl_hpc.divergence import DivergenceGuard
 from mtrl_hpc.config_checks import OBS_DTYPES, resolve_device
 from mtrl_hpc.envs import make_env
-from mtrl_hpc.metrics import MetricsLog, ProgressBar, echo
+from mtrl_hpc.console import Console, ProgressLine, banner, clock, task_lines
+from mtrl_hpc.metrics import MetricsLog, ProgressBar
 from mtrl_hpc.preemption import StopRequest
 from mtrl_hpc.replay import ReplayBuffer
 from mtrl_hpc.reward_normalization import RewardNormalizer
@@ -41,11 +42,16 @@ RESUME_KEYS = (
 
 
 class Experiment:
-    def __init__(self, cfg, run_dir, stop: StopRequest | None = None):
+    def __init__(self, cfg, run_dir, stop: StopRequest | None = None, resume_command: str | None = None):
+        """resume_command: the command line that continues this run, shown in the start-up banner."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.stop = stop or StopRequest()
         self.device = resolve_device(cfg.setup.device)
+        self.console = Console(run_dir / "main.log")
+        # Building MetaWorld's envs takes seconds per task: say so before it starts.
+        self.console.echo(f"mtrl_hpc: building {cfg.env.name} ({cfg.env.num_envs} task{'s' if cfg.env.num_envs != 1 else ''}) "
+                          f"and {cfg.agent.name} on {self.device} ...")
         seed = int(cfg.setup.seed)
         if cfg.setup.num_threads:
             torch.set_num_threads(int(cfg.setup.num_threads))
@@ -74,16 +80,23 @@ class Experiment:
         self.episode = 0
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._resumed = self._maybe_resume()
+        # metrics.* filter what is logged: the loop and the agent produce more, and only these are kept.
         train_keys, train_task_keys = _split_metric_names(cfg.metrics.train)
         eval_keys, eval_task_keys = _split_metric_names(cfg.metrics.eval)
+        self._logged = {"train": (set(train_keys), set(train_task_keys)), "eval": (set(eval_keys), set(eval_task_keys))}
         keys = dict(train_keys=train_keys, eval_keys=eval_keys, train_task_keys=train_task_keys,
-                    eval_task_keys=eval_task_keys, console=False)
+                    eval_task_keys=eval_task_keys, console=False, tensorboard=bool(cfg.logger.tensorboard))
         metrics_path = run_dir / "metrics.h5"
         if cfg.experiment.should_resume:
             # Rows after the checkpoint (or all rows, with no checkpoint) are dropped: they will be logged again.
             self.metrics = MetricsLog.resume(metrics_path, self.task_names, **keys, last_step=self.step if self._resumed else -1)
         else:
             self.metrics = MetricsLog(metrics_path, self.task_names, **keys)
+        trainable = {id(p): p.numel() for opt in self.agent.optimizers().values()
+                     for group in opt.param_groups for p in group["params"]}
+        for line in banner(run_dir.resolve(), self.device, torch.get_num_threads(), seed, cfg.env.name, self.task_names,
+                           cfg.agent.name, sum(trainable.values()), self.step if self._resumed else None, resume_command):
+            self.console.echo(line)
 
     # ---- checkpoints ----
     def _state(self) -> dict:
@@ -92,7 +105,8 @@ class Experiment:
             "counters": {"step": self.step, "episode": self.episode},
             "rng": {
                 "torch": torch.get_rng_state(),
-                "torch_cuda": torch.cuda.get_rng_state_all() if self.device.startswith("cuda") else [],
+                # The training device's generator only: a requeued job may see other GPUs, or fewer.
+                "torch_cuda": torch.cuda.get_rng_state(self.device) if self.device.startswith("cuda") else [],
                 "numpy": _plain_bitgen_state(self.rng),
                 "python": _python_rng_state(),
             },
@@ -121,8 +135,7 @@ class Experiment:
         self.episode = int(state["counters"]["episode"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
-        if self.device.startswith("cuda") and len(rng["torch_cuda"]):
-            torch.cuda.set_rng_state_all(list(rng["torch_cuda"]))
+        _restore_cuda_rng(rng["torch_cuda"], self.device)
         self.rng.bit_generator.state = _bitgen_state_from_plain(rng["numpy"])
         random.setstate(_python_rng_from_plain(rng["python"]))
         self.env.set_state(state["env"])
@@ -139,6 +152,10 @@ class Experiment:
         batch_size = self.cfg.replay_buffer.batch_size
         bar = self.cfg.logger.progress_bar
         progress = ProgressBar(total=cfg.num_train_steps, initial=self.step, enabled=None if bar == "auto" else bool(bar))
+        # Without a bar (SLURM logs), a plain line with the ETA every few episodes instead.
+        progress_line = ProgressLine(cfg.num_train_steps, self.step, 0 if progress.enabled else self.cfg.logger.progress_every)
+        self._run_start = time.monotonic()
+        episode_updates = 0
         obs = None
         episode_reward = np.zeros(self.num_tasks)
         episode_success = np.zeros(self.num_tasks)
@@ -157,11 +174,15 @@ class Experiment:
                     if obs is not None:
                         # The one read of the update metrics from the device in an episode.
                         means = {k: (v / update_counts[k]).cpu().numpy() for k, v in update_sums.items()}
-                        self._log_train(step, episode_reward, episode_success, means, time.perf_counter() - episode_start)
+                        self._log_train(step, episode_reward, episode_success, means, time.perf_counter() - episode_start,
+                                        episode_updates)
+                        if line := progress_line.line(step, self.episode):
+                            self.console.echo(line)
                         # Before this boundary's evaluation and checkpoint: a diverged state is never saved.
                         if means:
                             self.guard.check(means, first_step=step - L, last_step=step)
                         update_sums, update_counts = {}, {}
+                        episode_updates = 0
                     if step % cfg.eval_freq == 0:
                         self.evaluate()
                     if step >= cfg.num_train_steps:
@@ -200,6 +221,7 @@ class Experiment:
                         # SAC's update frequencies count gradient updates, not env steps.
                         update_index = (step - cfg.init_steps) * cfg.num_updates_per_step + i
                         metrics = self.agent.update(self.replay.sample(batch_size), update_index)
+                        episode_updates += 1
                         for k, v in metrics.items():
                             update_sums[k] = update_sums[k] + v if k in update_sums else v.clone()
                             update_counts[k] = update_counts.get(k, 0) + 1
@@ -223,10 +245,11 @@ class Experiment:
         per_task = {"success": result.success_rate, "episode_reward": result.mean_episode_reward}
         scalars = {"episode": self.episode, "success": float(result.success_rate.mean()),
                    "episode_reward": float(result.mean_episode_reward.mean())}
-        echo(self.metrics.log("eval", self.step, scalars, per_task))
-        echo("  success per task: " + ", ".join(f"{n}={s:.2f}" for n, s in zip(self.task_names, result.success_rate)))
+        self.console.echo(self._log("eval", self.step, scalars, per_task))
+        for line in task_lines("success per task", self.task_names, result.success_rate):
+            self.console.echo(line)
 
-    def _log_train(self, step, episode_reward, episode_success, means, duration) -> None:
+    def _log_train(self, step, episode_reward, episode_success, means, duration, updates) -> None:
         scalars = {"episode": self.episode, "duration": duration,
                    "episode_reward": float(episode_reward.mean()), "success": float(episode_success.mean())}
         per_task = {"episode_reward": episode_reward.copy(), "success": episode_success.copy()}
@@ -235,9 +258,17 @@ class Experiment:
                 per_task[k[: -len(TASK_SUFFIX)]] = mean
             else:
                 scalars[k] = float(mean)
-        line = self.metrics.log("train", step, scalars, per_task)
+        line = self._log("train", step, scalars, per_task)
         if self.cfg.logger.should_print_train:
-            echo(line)
+            # Rates of this episode (env steps of the batched env, gradient updates) and the time this process ran.
+            steps, duration = self.env.max_episode_steps, max(duration, 1e-9)
+            self.console.echo(f"{line} SPS: {steps / duration:.0f} | UPS: {updates / duration:.0f} | "
+                              f"T: {clock(time.monotonic() - self._run_start)} |")
+
+    def _log(self, kind: str, step: int, scalars: dict, per_task: dict) -> str:
+        keys, task_keys = self._logged[kind]
+        return self.metrics.log(kind, step, {k: v for k, v in scalars.items() if k in keys},
+                                {k: v for k, v in per_task.items() if k in task_keys})
 
     def close(self) -> None:
         self.metrics.close()
@@ -261,6 +292,21 @@ def _split_metric_names(names) -> tuple[list[str], list[str]]:
     scalars = [n for n in names if not n.endswith(TASK_SUFFIX) and n != "step"]
     per_task = [n[: -len(TASK_SUFFIX)] for n in names if n.endswith(TASK_SUFFIX)]
     return scalars, per_task
+
+
+def _restore_cuda_rng(state, device: str) -> None:
+    """Restores the training device's CUDA generator from a checkpoint's `rng/torch_cuda`."""
+    state = torch.as_tensor(state)
+    if not device.startswith("cuda") or state.numel() == 0:
+        return
+    if state.dim() == 2:
+        # Written by a version that kept every visible device's state: take the training device's row.
+        index = torch.device(device).index or 0
+        if index >= state.shape[0]:
+            log.warning("the checkpoint has no CUDA generator state for %s: it is seeded afresh", device)
+            return
+        state = state[index]
+    torch.cuda.set_rng_state(state.to(torch.uint8), device)
 
 
 def _plain_bitgen_state(rng: np.random.Generator) -> dict:

@@ -12,6 +12,9 @@ and then `after_stop()` decides what happens to the job:
 - after SIGTERM nothing is requeued: SLURM itself requeues a preempted or `scontrol requeue`d job, and a job
   cancelled with `scancel` must stay cancelled.
 
+Ctrl-C (SIGINT) is a stop request too: the first one stops the run at its next episode boundary, after a
+checkpoint; a second one stops it at once (KeyboardInterrupt), keeping the checkpoints already written.
+
 A batch script that requeues the job itself (slurm/train.sbatch, which also serves runs inside Apptainer,
 where `scontrol` is absent) sets MTRL_HPC_REQUEUE=0 to turn the run's own requeue off.
 """
@@ -20,11 +23,12 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 
 log = logging.getLogger(__name__)
 
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGTERM, *WARNING_SIGNALS)
+STOP_SIGNALS = (signal.SIGTERM, *WARNING_SIGNALS, signal.SIGINT)
 
 
 def slurm_job_id() -> str | None:
@@ -57,6 +61,13 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            print("\nmtrl_hpc: Ctrl-C: stopping at the next episode boundary, after a checkpoint "
+                  "(Ctrl-C again stops now)", file=sys.stderr, flush=True)
+        if self.signum == signal.SIGINT:
+            return  # after a Ctrl-C the run stops for its user, whatever signal comes next
         self.requested = True
         self.signum = signum
         self.reason = signal.Signals(signum).name
