@@ -169,9 +169,10 @@ def _check_routed_trunk(agent) -> list[str]:
             continue
         if not (isinstance(moe.num_experts, int) and moe.num_experts >= 1):
             problems.append(f"{key}.num_experts={moe.num_experts} must be an integer >= 1")
-        if not mt.should_use_task_encoder:
+        soft = moe.mode == "soft_modularization"  # PaCo and MOORE learn their own per-task weights from the task id
+        if soft and not mt.should_use_task_encoder:
             problems.append(f"{key}.mode={moe.mode} routes by the task encoding: set agent.multitask.should_use_task_encoder=True")
-        if not mt[part].should_condition_model_on_task_info:
+        if soft and not mt[part].should_condition_model_on_task_info:
             problems.append(f"{key}.mode={moe.mode} reads the task information in the trunk: "
                             f"set agent.multitask.{part}.should_condition_model_on_task_info=True")
         if mt.should_use_multi_head_policy or mt.should_use_disjoint_policy:

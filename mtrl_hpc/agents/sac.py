@@ -82,14 +82,15 @@ class SACAgent(nn.Module):
         self.encoder = make_encoder(cfg.encoder, obs_dim, num_tasks, task_dim if mt.should_use_task_encoder else None,
                                     _cluster_mask(cfg.encoder, task_names))
         feature_dim = self.encoder.feature_dim
-        # Rows reach per-task parameters (heads, one expert per task) through one TaskRouting per batch.
-        self.needs_routing = self.multi_head or getattr(self.encoder, "needs_routing", False)
         self.actor = Actor(feature_dim + (task_dim if self.actor_uses_task else 0), action_dim, cfg.actor.hidden_dim,
                            cfg.actor.num_layers, tuple(cfg.actor.log_std_bounds), num_tasks, head_layers,
                            bool(cfg.actor.layer_norm), disjoint, _routed_trunk(mt.actor_cfg, feature_dim))
         self.critic = TwinCritic(feature_dim + (task_dim if self.critic_uses_task else 0), action_dim,
                                  cfg.critic.hidden_dim, cfg.critic.num_layers, num_tasks, head_layers,
                                  bool(cfg.critic.layer_norm), disjoint, _routed_trunk(mt.critic_cfg, feature_dim))
+        # Rows reach per-task parameters (heads, experts, composed layers) through one TaskRouting per batch.
+        self.needs_routing = self.multi_head or any(getattr(m, "needs_routing", False) for m in (
+            self.encoder, self.actor.model, self.critic.model))
         if b.weight_init != "orthogonal":  # the layers start orthogonal
             for net in (self.task_encoder, self.encoder, self.actor, self.critic):
                 init_weights(net, b.weight_init)

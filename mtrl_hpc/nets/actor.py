@@ -16,13 +16,13 @@ class Actor(nn.Module):
     def __init__(self, in_dim: int, action_dim: int, hidden_dim: int, num_layers: int,
                  log_std_bounds: tuple[float, float], num_tasks: int, head_layers: int | None, layer_norm: bool = False,
                  disjoint: bool = False, routed: RoutedTrunk | None = None):
-        """routed: a trunk that reads the task information (soft modularization) instead of the MLP."""
+        """routed: a trunk that reads the task information (soft modularization, PaCo, MOORE) instead of the MLP."""
         super().__init__()
         self.action_dim = action_dim
         self.log_std_min, self.log_std_max = float(log_std_bounds[0]), float(log_std_bounds[1])
         self.reads_task = routed is not None
         if routed is not None:
-            self.model = make_routed_trunk(routed, 1, in_dim, hidden_dim, 2 * action_dim, num_layers)
+            self.model = make_routed_trunk(routed, 1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks)
         else:
             self.model = StackedMLP(1, in_dim, hidden_dim, 2 * action_dim, num_layers, num_tasks, head_layers, layer_norm, disjoint)
 

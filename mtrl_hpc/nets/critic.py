@@ -12,11 +12,11 @@ class TwinCritic(nn.Module):
     def __init__(self, in_dim: int, action_dim: int, hidden_dim: int, num_layers: int,
                  num_tasks: int, head_layers: int | None, layer_norm: bool = False, disjoint: bool = False,
                  routed: RoutedTrunk | None = None):
-        """routed: a trunk that reads the task information (soft modularization) instead of the MLP."""
+        """routed: a trunk that reads the task information (soft modularization, PaCo, MOORE) instead of the MLP."""
         super().__init__()
         self.reads_task = routed is not None
         if routed is not None:
-            self.model = make_routed_trunk(routed, 2, in_dim + action_dim, hidden_dim, 1, num_layers)
+            self.model = make_routed_trunk(routed, 2, in_dim + action_dim, hidden_dim, 1, num_layers, num_tasks)
         else:
             self.model = StackedMLP(2, in_dim + action_dim, hidden_dim, 1, num_layers, num_tasks, head_layers, layer_norm, disjoint)
 
