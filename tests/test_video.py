@@ -11,7 +11,6 @@ import pathlib
 import subprocess
 import sys
 
-import h5py
 import imageio_ffmpeg
 import metaworld
 import numpy as np
@@ -19,8 +18,7 @@ import pytest
 
 from mtrl_hpc import video
 from mtrl_hpc.envs import make_env
-from mtrl_hpc.experiment import Experiment
-from test_train import make_cfg
+from test_train import train
 
 HAVE_OSMESA = ctypes.util.find_library("OSMesa") is not None
 needs_osmesa = pytest.mark.skipif(not HAVE_OSMESA,
@@ -104,22 +102,16 @@ def test_frames_match_an_independent_renderer_and_the_mp4_decodes_to_them(tmp_pa
 
 @needs_osmesa
 def test_save_video_records_each_evaluation_and_leaves_the_metrics_unchanged(tmp_path, osmesa):
-    def train(run_dir, save_video):
-        cfg = make_cfg(run_dir, *MT1, "experiment.num_train_steps=20", "experiment.eval_freq=10",
-                       "experiment.save.freq=0", f"experiment.save_video={save_video}")
-        experiment = Experiment(cfg, pathlib.Path(run_dir))
-        try:
-            assert experiment.run() == "finished"
-        finally:
-            experiment.close()
-        with h5py.File(pathlib.Path(run_dir) / "metrics.h5", "r") as f:
-            return {k: f["eval"][k][()] for k in f["eval"]}
+    def evals(run_dir, save_video):
+        metrics = train(run_dir, *MT1, "experiment.num_train_steps=20", "experiment.eval_freq=10",
+                        "experiment.save.freq=0", f"experiment.save_video={save_video}")
+        return {k: v for k, v in metrics.items() if k.startswith("eval/") and k != "eval/duration"}
 
-    with_video = train(tmp_path / "a", True)
-    without = train(tmp_path / "b", False)
+    with_video = evals(tmp_path / "a", True)
+    without = evals(tmp_path / "b", False)
+    assert with_video.keys() == without.keys() and "eval/success_env_index_" in with_video
     for key in with_video:
-        if key != "duration":
-            np.testing.assert_array_equal(with_video[key], without[key], err_msg=key)
+        np.testing.assert_array_equal(with_video[key], without[key], err_msg=key)
     steps = sorted(p.name for p in (tmp_path / "a" / "videos").iterdir())
     assert steps == ["step_000000000000", "step_000000000010", "step_000000000020"]
     for step in steps:
@@ -133,12 +125,7 @@ def test_save_video_records_each_evaluation_and_leaves_the_metrics_unchanged(tmp
 @needs_osmesa
 def test_cli_video_writes_one_mp4_per_task(tmp_path, osmesa):
     run_dir = tmp_path / "run"
-    cfg = make_cfg(run_dir, *MT1, "experiment.num_train_steps=20", "experiment.eval_freq=20")
-    experiment = Experiment(cfg, run_dir)
-    try:
-        experiment.run()
-    finally:
-        experiment.close()
+    train(run_dir, *MT1, "experiment.num_train_steps=20", "experiment.eval_freq=20")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mtrl_hpc.evaluate", str(run_dir), "episodes=3", "video=true", "video_episodes=2",
            "video_size=64", f"out={out}"]
@@ -154,12 +141,7 @@ def test_cli_video_writes_one_mp4_per_task(tmp_path, osmesa):
 @needs_osmesa
 def test_cli_unknown_camera_is_one_line(tmp_path, osmesa):
     run_dir = tmp_path / "run"
-    cfg = make_cfg(run_dir, *MT1, "experiment.num_train_steps=0")
-    experiment = Experiment(cfg, run_dir)
-    try:
-        experiment.run()
-    finally:
-        experiment.close()
+    train(run_dir, *MT1, "experiment.num_train_steps=0")
     status, line = one_line_failure([sys.executable, "-m", "mtrl_hpc.evaluate", str(run_dir), "video=true",
                                      "episodes=1", "camera=nowhere"], MUJOCO_GL="osmesa")
     assert status == 2 and "camera='nowhere' is not a camera of this model; choose one of topview, corner" in line
