@@ -152,7 +152,7 @@ def test_images_share_base_and_build_args():
     assert app["from"] == "${BASE_IMAGE}"
     assert app["args"] == docker["args"], "build args differ between Dockerfile (ARG) and apptainer.def (%arguments)"
     assert re.match(r"nvidia/cuda:1[23]\.\d+\.\d+-devel-ubuntu", docker["args"]["BASE_IMAGE"])
-    assert docker["args"]["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    assert docker["args"]["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX;10.0;12.0"
     cuda = re.search(r"cuda:(\d+)\.(\d+)", docker["args"]["BASE_IMAGE"]).groups()
     assert docker["args"]["TORCH_INDEX_URL"].endswith(f"/cu{cuda[0]}{cuda[1]}"), "torch build must match the CUDA base"
 
