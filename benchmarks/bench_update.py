@@ -6,11 +6,20 @@ multi-task SAC update written here the way mtrl writes it (two nn.Sequential cri
 eager losses, heads run on every row and masked). Reports ms per update, updates/s and the ratio.
 
     python benchmarks/bench_update.py [--repeats 20] [--multi-head both|on|off] [--compile]
+
+--networks: instead, each of mtrl_hpc's networks (NETWORKS below) against mtrl_hpc's MT-SAC, interleaved in one run,
+as the ratio of update times (the JAX peers, metaworld-algorithms: Soft-Modules 2.0x, PaCo 4.5x, MOORE 4.6x their
+MT-SAC); multi-head with unequal task shares against equal shares.
+
+    python benchmarks/bench_update.py --networks [NAME ...] [--repeats 20]
 """
 
 import argparse
 import copy
+import json
 import math
+import pathlib
+import tempfile
 import time
 
 import torch
@@ -20,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from mtrl_hpc.agents import make_agent
 from mtrl_hpc.config_dir import config_dir
 from mtrl_hpc.replay import Batch
+from mtrl_hpc.task_embeddings import MT10
 
 T, OBS, ACT, B, H = 10, 39, 4, 1280, 400
 
@@ -114,21 +124,87 @@ class EagerSAC:
                 t.data.copy_(0.005 * s.data + 0.995 * t.data)
 
 
-def make_batch():
+def make_batch(counts=None):
+    """counts: rows per task (default: equal shares), as replay.sample() plans them."""
     g = torch.Generator().manual_seed(0)
-    task_ids = torch.arange(T).repeat_interleave(B // T)
-    counts = torch.full((T,), B // T, dtype=torch.int64)  # the sampler's plan, as replay.sample() gives it
+    counts = torch.full((T,), B // T, dtype=torch.int64) if counts is None else torch.tensor(counts)
+    task_ids = torch.arange(T).repeat_interleave(counts)
     return Batch(torch.randn(B, OBS, generator=g), torch.rand(B, ACT, generator=g) * 2 - 1, torch.randn(B, 1, generator=g),
                  torch.randn(B, OBS, generator=g), torch.ones(B, 1), task_ids, torch.zeros(B, dtype=torch.int64),
                  counts, torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
 
 
-def make_ours(multi_head, compile_=False):
+def make_ours(multi_head, compile_=False, extra=()):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["agent.multitask.should_use_disentangled_alpha=True",
                                            f"agent.multitask.should_use_multi_head_policy={multi_head}",
-                                           f"agent.compile={compile_}"])
-    return make_agent(cfg.agent, OBS, ACT, T, "cpu")
+                                           f"agent.compile={compile_}", *extra])
+    return make_agent(cfg.agent, OBS, ACT, T, "cpu", task_names=list(MT10))
+
+
+# Each network at MT10 defaults with mtrl's documented settings (the overrides of its baseline command), or
+# metaworld-algorithms' MT10 shapes for the networks mtrl lacks.
+PRETRAINED = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
+MOE_CFG = "agent.multitask.actor_cfg.moe_cfg"
+SOFT_MODULES = ["agent.multitask.should_use_task_encoder=True", "agent.encoder.type_to_select=feedforward",
+                "agent.multitask.actor_cfg.should_condition_model_on_task_info=True",
+                "agent.multitask.actor_cfg.should_condition_encoder_on_task_info=False",
+                "agent.multitask.actor_cfg.should_concatenate_task_info_with_encoder=False", f"{MOE_CFG}.should_use=True"]
+NETWORKS = {
+    "multi-head": ["agent.multitask.should_use_multi_head_policy=True"],
+    "disjoint": ["agent.multitask.should_use_disjoint_policy=True"],
+    "film (pretrained 768-d table)": ["agent.encoder.type_to_select=film", "agent.multitask.should_use_task_encoder=True",
+                                      "agent.multitask.task_encoder_cfg.model_cfg.output_dim=6", f"{PRETRAINED}.should_use=True"],
+    "care (moe attention, 4 experts)": ["agent.encoder.type_to_select=moe", "agent.encoder.moe.task_id_to_encoder_id_cfg.mode=attention",
+                                        "agent.encoder.moe.num_experts=4", "agent.multitask.should_use_task_encoder=True",
+                                        f"{PRETRAINED}.should_use=True"],
+    "moe identity (10 experts)": ["agent.encoder.type_to_select=moe", "agent.encoder.moe.task_id_to_encoder_id_cfg.mode=identity",
+                                  "agent.encoder.moe.num_experts=10"],
+    "soft-modules 2x2x256 (MWA MT10)": [*SOFT_MODULES, "agent.actor.hidden_dim=256", "agent.actor.num_layers=2",
+                                        f"{MOE_CFG}.num_experts=2"],
+    "soft-modules 4x4x400 (mtrl docs)": [*SOFT_MODULES, "agent.actor.num_layers=4", f"{MOE_CFG}.num_experts=4"],
+    "paco K=5 (MWA MT10)": [f"{MOE_CFG}.should_use=True", f"{MOE_CFG}.mode=paco", f"{MOE_CFG}.num_experts=5"],
+    "moore k=4 (MWA MT10)": [f"{MOE_CFG}.should_use=True", f"{MOE_CFG}.mode=moore", f"{MOE_CFG}.num_experts=4"],
+}
+# Unequal shares (the sampler's plan with task weights): 1280 rows, 78 to 178 per task.
+UNEQUAL = [178, 78, 150, 106, 128, 128, 160, 96, 140, 116]
+
+
+def bench_networks(repeats, only=None):
+    table = pathlib.Path(tempfile.mkdtemp()) / "embeddings.json"
+    g = torch.Generator().manual_seed(0)
+    table.write_text(json.dumps({name: torch.randn(768, generator=g).tolist() for name in MT10}))
+    path = f"{PRETRAINED}.path_to_load_from={table}"
+    batch, unequal = make_batch(), make_batch(UNEQUAL)
+    base = make_ours(False)
+    print(f"Network update vs mtrl_hpc MT-SAC, MT10 shapes, 3x{H}, batch {B}, torch threads {torch.get_num_threads()}")
+    print(f"{'network':<36}{'ms/update':>12}{'MT-SAC ms':>12}{'ratio':>8}")
+    runs = [(name, overrides, batch) for name, overrides in NETWORKS.items()]
+    runs.append(("multi-head, unequal shares", NETWORKS["multi-head"], unequal))
+    for name, overrides, b in runs:
+        if only and not any(o in name for o in only):
+            continue
+        agent = make_ours(False, extra=[*overrides, path])  # one at a time: each holds its own weights and Adam state
+        n, m, ratio = paired_times(lambda i: agent.update(b, i), lambda i: base.update(batch, i), repeats)
+        print(f"{name:<36}{n:>12.1f}{m:>12.1f}{ratio:>8.2f}", flush=True)
+
+
+def paired_times(update, baseline, repeats):
+    """Alternate one update of each, so load from other processes hits both alike: (median ms, median baseline ms,
+    median of the per-pair ratios). Times are the process's CPU time: with one torch thread, the work done, which
+    other processes on a shared machine do not inflate as they do wall time."""
+    for i in range(2):
+        update(i), baseline(i)
+    pairs = []
+    for i in range(repeats):
+        t0 = time.process_time()
+        update(i)
+        t1 = time.process_time()
+        baseline(i)
+        t2 = time.process_time()
+        pairs.append((t1 - t0, t2 - t1))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return median([a for a, _ in pairs]) * 1e3, median([b for _, b in pairs]) * 1e3, median([a / b for a, b in pairs])
 
 
 def time_updates(update, repeats):
@@ -148,8 +224,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--multi-head", choices=["both", "on", "off"], default="both")
     parser.add_argument("--compile", action="store_true", help="also time agent.compile=true")
+    parser.add_argument("--networks", nargs="*", metavar="NAME",
+                        help="each network's update against MT-SAC's (one torch thread, CPU time); names filter NETWORKS")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.networks is not None:
+        torch.set_num_threads(1)
+        bench_networks(args.repeats, args.networks)
+        return
     batch = make_batch()
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.multi_head]
     print(f"SAC update, MT10 shapes (obs {OBS}, action {ACT}, {T} tasks), 3x{H}, batch {B}, torch threads {torch.get_num_threads()}")

@@ -90,3 +90,29 @@ def test_routing_refuses_counts_that_do_not_fit():
     net = StackedMLP(1, 2, 4, 1, num_layers=1, num_tasks=2, head_layers=0)
     with pytest.raises(ValueError, match="needs the batch's task routing"):
         net(torch.zeros(3, 2))
+
+
+NETWORK_OVERRIDES = {
+    "film": ["agent.encoder.type_to_select=film"],
+    "care": ["agent.encoder.type_to_select=moe", "agent.encoder.moe.task_id_to_encoder_id_cfg.mode=attention"],
+    "moe_experts": ["agent.encoder.type_to_select=moe", "agent.encoder.moe.num_experts=4"],
+    "disjoint": ["agent.multitask.should_use_disjoint_policy=True"],
+    "soft_modules": ["agent.multitask.actor_cfg.moe_cfg.should_use=True"],
+    "paco": ["agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.mode=paco"],
+    "pretrained_task_embedding": ["agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg.should_use=True"],
+}
+
+
+@pytest.mark.parametrize("network", sorted(NETWORK_OVERRIDES))
+def test_resume_refuses_a_checkpoint_of_another_network(network):
+    from omegaconf import OmegaConf
+    from test_config import make_cfg
+
+    from mtrl_hpc.checkpoint import CheckpointError, check_compatible
+    from mtrl_hpc.experiment import RESUME_KEYS
+
+    plain = OmegaConf.to_container(make_cfg(), resolve=True)
+    other = OmegaConf.to_container(make_cfg(*NETWORK_OVERRIDES[network]), resolve=True)
+    with pytest.raises(CheckpointError, match=r"agent\.(encoder|multitask)"):
+        check_compatible(plain, other, RESUME_KEYS)
+    check_compatible(plain, plain, RESUME_KEYS)
