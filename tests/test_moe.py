@@ -202,7 +202,7 @@ def test_moe_config_checks_name_the_key(overrides, needle):
 
 def test_every_mode_passes_the_checks_with_mt10():
     for mode, overrides in AGENT_MODES.items():
-        extra = [f"agent.encoder.moe.num_experts=10"] if mode == "identity" else []
+        extra = ["agent.encoder.moe.num_experts=10"] if mode == "identity" else []
         assert check_config(make_cfg(*overrides, *extra)) == [], mode
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mtrl_hpc import losses
-from mtrl_hpc.task_embeddings import cluster_mask, load_table
+from mtrl_hpc.agents.gradient_methods import make_gradient_method
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
@@ -20,6 +20,7 @@ from mtrl_hpc.nets.mlp import init_weights
 from mtrl_hpc.nets.routing import TaskRouting
 from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder, TaskInfo
 from mtrl_hpc.nets.trunk import RoutedTrunk
+from mtrl_hpc.task_embeddings import cluster_mask, load_table
 
 OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.optim.AdamW}
 
@@ -120,6 +121,8 @@ class SACAgent(nn.Module):
         # (target, source) parameter lists for the soft target updates.
         self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)
         self._encoder_pairs = (list(self.encoder_target.parameters()), list(self.encoder.parameters()))
+        # PCGrad / CAGrad / GradNorm (agents/gradient_methods.py): turns per-task losses into gradients; None: MT-SAC.
+        self.gradient_method = make_gradient_method(cfg, self, device)
 
         if cfg.compile:
             self.actor.model = torch.compile(self.actor.model)
@@ -181,7 +184,7 @@ class SACAgent(nn.Module):
         critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
                                            self.log_alpha, task_ids, self.discount, T, weights)
         critic_loss = critic_losses.mean()
-        self.step_optimizer("critic", critic_loss)
+        self.step_optimizer("critic", critic_losses)
         metrics["critic_loss"] = critic_loss.detach()
         metrics["critic_loss_env_index_"] = critic_losses.detach()
         metrics["batch_reward"] = batch.reward.mean()
@@ -192,12 +195,16 @@ class SACAgent(nn.Module):
             self._soft_update_targets()
         return metrics
 
-    def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
+    def step_optimizer(self, name: str, task_losses: torch.Tensor) -> None:
         """zero_grad -> backward -> clip -> step of one optimizer ("actor", "critic" or "alpha"): the one place
-        where an update turns a loss into a parameter change."""
+        where an update turns a loss into a parameter change. task_losses: the per-task losses [T]; MT-SAC
+        descends their mean, a gradient method (PCGrad, CAGrad, GradNorm) makes the gradients from the vector."""
         optimizer, params, max_norm = self._steps[name]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.gradient_method is None:
+            task_losses.mean().backward()
+        else:
+            self.gradient_method.backward(name, task_losses, params)
         if max_norm is not None:
             # foreach: one fused norm over all gradients, no host sync.
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -231,11 +238,11 @@ class SACAgent(nn.Module):
             p.requires_grad_(True)
         actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T, weights)
         actor_loss = actor_losses.mean()
-        self.step_optimizer("actor", actor_loss)
+        self.step_optimizer("actor", actor_losses)
 
         alpha_losses = losses.temperature_loss(log_prob.detach(), self.log_alpha, task_ids, self.target_entropy, T)
         alpha_loss = alpha_losses.mean()
-        self.step_optimizer("alpha", alpha_loss)
+        self.step_optimizer("alpha", alpha_losses)
         alpha = self.alpha
         return {
             "actor_loss": actor_loss.detach(),
@@ -253,16 +260,21 @@ class SACAgent(nn.Module):
     def training_state(self) -> dict:
         """Networks, targets, log_alpha, task encoder and optimizer states, as a tree of tensors and plain data."""
         # Keys without torch.compile's "_orig_mod." wrapper: a checkpoint resumes with or without agent.compile.
-        return {
+        state = {
             "modules": {_plain_key(k): v.detach().clone() for k, v in self.state_dict().items()},
             "optimizers": {name: _optimizer_state(opt) for name, opt in self.optimizers().items()},
         }
+        if self.gradient_method is not None:
+            state["gradient_method"] = self.gradient_method.state_dict()
+        return state
 
     def load_training_state(self, state: dict) -> None:
         own = {_plain_key(k): k for k in self.state_dict()}
         self.load_state_dict({own.get(k, k): v for k, v in state["modules"].items()})
         for name, opt in self.optimizers().items():
             opt.load_state_dict(_optimizer_state_from_tree(state["optimizers"][name]))
+        if self.gradient_method is not None:
+            self.gradient_method.load_state_dict(state.get("gradient_method", {}))
 
 
 def _pretrained_table(pretrained_cfg, num_tasks: int, task_names: list[str] | None) -> torch.Tensor | None:
