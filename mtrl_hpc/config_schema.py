@@ -21,6 +21,8 @@ EXTRA_TYPES = {
     "logger.progress_bar": (bool,),  # auto | true | false
     "experiment.critic_loss_ceiling": (type(None),),  # null: no ceiling
 }
+# Mappings whose keys are names the user chooses (cluster name -> keywords): any key may be added under them.
+FREE_FORM = ("agent.encoder.moe.task_id_to_encoder_id_cfg.cluster.clusters",)
 # Optimizer clip norms are null by default and numbers when set; a null default accepts any type anyway.
 # Metric lists are filters of what the defaults log: a run may drop names, never add ones nothing produces.
 METRIC_LISTS = ("metrics.train", "metrics.eval")
@@ -72,8 +74,9 @@ def _check_values(values: dict, defaults: dict) -> list[str]:
     problems = []
     for key, value in values.items():
         if key not in defaults:
-            if any(key.startswith(f"{d}.") for d, v in defaults.items() if v is None):
-                continue  # under a key whose default is null: anything goes
+            if any(key.startswith(f"{d}.") for d, v in defaults.items() if v is None) or key.startswith(
+                    tuple(f"{f}." for f in FREE_FORM)):
+                continue  # under a key whose default is null, or in a free-form mapping: anything goes
             close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "no config file defines it"
             problems.append(f"{key}: unknown key (nothing reads it); {hint}")

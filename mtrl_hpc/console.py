@@ -28,7 +28,9 @@ class Console:
 
 def banner(run_dir, device: str, threads: int, seed: int, env_name: str, task_names, agent_name: str,
            num_parameters: int, resumed_step: int | None, resume_command: str | None) -> list[str]:
-    tasks = ", ".join(task_names) if len(task_names) <= LISTED_TASKS else f"{task_names[0]} ... {task_names[-1]}"
+    tasks = ", ".join(task_names)
+    if len(tasks) > LINE_WIDTH // 2:
+        tasks = f"{task_names[0]}, ..., {task_names[-1]}"
     lines = [
         f"run directory  {run_dir}",
         f"device         {device}, {threads} CPU thread{'s' if threads != 1 else ''}",

@@ -37,6 +37,7 @@ def test_mtrl_doc_commands_fit_the_schema(name):
     ["experiment.critic_loss_ceiling=null"], ["agent.optimizers.critic.max_grad_norm=1.0"],
     ["setup.save_dir=/tmp/x"], ["env=metaworld-mt1", "env.task_name=reach-v3"],
     ["metrics.train=[step,episode,critic_loss]"], ["experiment.resume=latest"],
+    ["+agent.encoder.moe.task_id_to_encoder_id_cfg.cluster.clusters.my_cluster=[reach,push]"],  # free-form names
 ])
 def test_values_of_the_right_type_pass(overrides):
     assert problems(*overrides) == []
