@@ -6,6 +6,7 @@ import os
 import torch
 
 from mtrl_hpc.agents import AGENTS
+from mtrl_hpc.agents.gradient_methods import AGENT_METHODS, PCGRAD_REDUCTIONS
 from mtrl_hpc.agents.sac import OPTIMIZERS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
 from mtrl_hpc.nets.mlp import WEIGHT_INITS
@@ -112,6 +113,8 @@ def check_config(cfg) -> list[str]:
         need(not mt.should_use_disjoint_policy, "agent.multitask.should_use_disjoint_policy=True and should_use_multi_head_policy=True: "
              "a disjoint policy has no shared trunk to put heads on; choose one")
 
+    problems.extend(_check_gradient_method(agent))
+
     need(rb.obs_dtype in OBS_DTYPES, f"replay_buffer.obs_dtype={rb.obs_dtype!r}; choose one of {', '.join(OBS_DTYPES)}")
     need(rb.batch_size >= env.num_envs,
          f"replay_buffer.batch_size={rb.batch_size} is smaller than the {env.num_envs} tasks: every task needs a share of each batch")
@@ -185,6 +188,31 @@ def _check_routed_trunk(agent) -> list[str]:
             problems.append(f"{key}.mode=soft_modularization multiplies the encoder's features by the task encoding: "
                             f"agent.encoder.{agent.encoder.type_to_select} feature_dim={features} must equal "
                             f"agent.multitask.task_encoder_cfg.model_cfg.output_dim={task_dim}")
+    return problems
+
+
+def _check_gradient_method(agent) -> list[str]:
+    """The keys of agent=pcgrad_state_sac / cagrad_state_sac / gradnorm_state_sac (agents/gradient_methods.py)."""
+    method, mt, problems = AGENT_METHODS.get(agent.name), agent.multitask, []
+    if method == "pcgrad" and agent.pcgrad.reduction not in PCGRAD_REDUCTIONS:
+        problems.append(f"agent.pcgrad.reduction={agent.pcgrad.reduction!r} is not available; choose one of {', '.join(PCGRAD_REDUCTIONS)}")
+    if method == "cagrad":
+        c = agent.cagrad
+        if not 0 <= c.c < 1:
+            problems.append(f"agent.cagrad.c={c.c} must be in [0, 1) (0: the mean gradient)")
+        if not c.num_iterations >= 1:
+            problems.append(f"agent.cagrad.num_iterations={c.num_iterations} must be >= 1")
+        if not c.lr > 0:
+            problems.append(f"agent.cagrad.lr={c.lr} must be > 0")
+    if method == "gradnorm":
+        if not agent.gradnorm.alpha >= 0:
+            problems.append(f"agent.gradnorm.alpha={agent.gradnorm.alpha} must be >= 0")
+        if not agent.gradnorm.lr > 0:
+            problems.append(f"agent.gradnorm.lr={agent.gradnorm.lr} must be > 0")
+        if mt.should_use_disjoint_policy or mt.actor_cfg.moe_cfg.should_use:
+            what = "should_use_disjoint_policy" if mt.should_use_disjoint_policy else "actor_cfg.moe_cfg.should_use"
+            problems.append(f"agent=gradnorm_state_sac balances gradients on the last layer all tasks share, which "
+                            f"agent.multitask.{what}=True does not have; use the MLP or multi-head policy")
     return problems
 
 

@@ -2,7 +2,8 @@
 
 from mtrl_hpc.agents.sac import SACAgent
 
-AGENTS = {"state_sac": SACAgent}
+# The gradient-method agents are MT-SAC with another step_optimizer backward (agents/gradient_methods.py).
+AGENTS = {"state_sac": SACAgent, "pcgrad_state_sac": SACAgent, "cagrad_state_sac": SACAgent, "gradnorm_state_sac": SACAgent}
 
 
 def make_agent(agent_cfg, obs_dim: int, action_dim: int, num_tasks: int, device: str, task_names: list[str] | None = None):

@@ -1,0 +1,271 @@
+"""Per-task gradient methods: PCGrad, CAGrad and GradNorm on the fused per-task SAC losses.
+
+A gradient method turns one optimizer's per-task loss vector [T] into the `.grad` of that optimizer's
+parameters; `SACAgent.step_optimizer` calls it in place of `loss.backward()` (agent=pcgrad_state_sac,
+cagrad_state_sac, gradnorm_state_sac). Components are the agent's optimizers: critic (with the encoder, and the
+task encoder when the critic loss trains it), actor (with the task encoder when the actor loss trains it) and
+alpha (the temperature).
+
+Per-task gradients come from one batched backward: `torch.autograd.grad(losses, params, eye(T),
+is_grads_batched=True)` (vmap over the T one-hot cotangents), never a loop of T backward passes. PCGrad and
+CAGrad then only need the T x T Gram matrix of those gradients: both combine the original per-task gradients
+linearly, so their weights are found on the Gram matrix and the result is one [T] @ [T, P] product.
+Nothing here reads a value on the host: every decision is a tensor op, so an update stays free of syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtrl_hpc.nets.mlp import StackedMLP
+
+METHODS = ("pcgrad", "cagrad", "gradnorm")
+# agent.name -> gradient method (mtrl's agent names).
+AGENT_METHODS = {"pcgrad_state_sac": "pcgrad", "cagrad_state_sac": "cagrad", "gradnorm_state_sac": "gradnorm"}
+PCGRAD_REDUCTIONS = ("sum", "mean")
+
+
+def per_task_gradients(task_losses: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False):
+    """[T, P]: row t is d task_losses[t] / d params, flattened in parameter order; plus which params got a gradient."""
+    T = task_losses.shape[0]
+    eye = torch.eye(T, dtype=task_losses.dtype, device=task_losses.device)
+    grads = torch.autograd.grad(task_losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True,
+                                retain_graph=retain_graph)
+    used = [g is not None for g in grads]
+    flat = torch.cat([(g if g is not None else p.new_zeros((T, *p.shape))).reshape(T, -1) for g, p in zip(grads, params)], 1)
+    return flat, used
+
+
+def write_gradients(params: list[torch.Tensor], flat: torch.Tensor, used: list[bool]) -> None:
+    """Set each parameter's .grad from the flat vector; a parameter no loss reached keeps grad None (as backward)."""
+    offset = 0
+    for p, u in zip(params, used):
+        n = p.numel()
+        if u:
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+class PCGrad:
+    """Projecting Conflicting Gradients (Yu et al. 2020).
+
+    For each task i, over the other tasks j in a random order: if g_i . g_j < 0, g_i -= (g_i . g_j / |g_j|^2) g_j,
+    with g_i the partly projected gradient and g_j the original one. Every projected g_i stays a linear combination
+    of the original gradients, g_i = sum_k A[i, k] g_k, so the projections run on the Gram matrix G = g g^T:
+    g_i . g_j = (A G)[i, j]. The T - 1 steps are the paper's sequential order; each step handles all tasks at once.
+    The result is sum_i g_i (the paper) or its mean (reduction=mean, mtrl).
+    The orders come from the method's own generator, saved with the agent so a resumed run draws the same orders.
+    """
+
+    def __init__(self, num_tasks: int, device, reduction: str, seed: int):
+        if reduction not in PCGRAD_REDUCTIONS:
+            raise ValueError(f"agent.pcgrad.reduction={reduction!r} is not available; choose one of {', '.join(PCGRAD_REDUCTIONS)}")
+        self.num_tasks = num_tasks
+        self.reduction = reduction
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def backward(self, name: str, task_losses: torch.Tensor, params: list[torch.Tensor]) -> None:
+        grads, used = per_task_gradients(task_losses, params)
+        write_gradients(params, self.weights(grads @ grads.T) @ grads, used)
+
+    def orders(self, device) -> torch.Tensor:
+        """[T, T]: row i is task i's random order over the tasks (j == i is skipped when projecting)."""
+        keys = torch.rand(self.num_tasks, self.num_tasks, generator=self.generator, device=self.generator.device)
+        return keys.argsort(dim=1).to(device)
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """[T] weights w of the original gradients: the combined gradient is w @ g."""
+        T = self.num_tasks
+        order = self.orders(gram.device)
+        rows = torch.arange(T, device=gram.device)
+        coeff = torch.eye(T, dtype=gram.dtype, device=gram.device)
+        sq = gram.diagonal()
+        for k in range(T):  # the paper's sequential projections, all tasks in each step
+            j = order[:, k]
+            dot = (coeff * gram[:, j].T).sum(1)  # g_i . g_j for each i's current g_i
+            conflict = (j != rows) & (dot < 0) & (sq[j] > 0)
+            step = torch.where(conflict, dot / torch.where(conflict, sq[j], torch.ones_like(dot)), torch.zeros_like(dot))
+            coeff = coeff.index_put((rows, j), -step, accumulate=True)
+        w = coeff.sum(0)
+        return w / T if self.reduction == "mean" else w
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" not in state:
+            raise ValueError("the checkpoint has no PCGrad generator state (agent.name differs from the run that wrote it)")
+        self.generator.set_state(state["generator"].cpu())
+
+
+class CAGrad:
+    """Conflict-Averse Gradient descent (Liu et al. 2021).
+
+    d = g0 + (sqrt(phi) / |g_w|) g_w with g0 the mean gradient, phi = c^2 |g0|^2 and g_w = sum_i w_i g_i, where w
+    minimises the dual F(w) = g_w . g0 + sqrt(phi) |g_w| over the simplex. The dual needs only the Gram matrix:
+    g_w . g0 = w . (G 1 / T), |g_w|^2 = w G w. F is convex; it is minimised by `num_iterations` steps of
+    accelerated projected gradient descent (FISTA, Euclidean projection onto the simplex by sorting) from the
+    uniform weights, on the Gram matrix scaled to unit mean diagonal so one step size fits any gradient scale.
+    The best iterate is kept by tensor comparisons: no host sync. c = 0 gives g0, MT-SAC's gradient of the mean.
+    """
+
+    def __init__(self, num_tasks: int, c: float, num_iterations: int, lr: float):
+        self.num_tasks = num_tasks
+        self.c, self.num_iterations, self.lr = float(c), int(num_iterations), float(lr)
+
+    def backward(self, name: str, task_losses: torch.Tensor, params: list[torch.Tensor]) -> None:
+        grads, used = per_task_gradients(task_losses, params)
+        write_gradients(params, self.weights(grads @ grads.T) @ grads, used)
+
+    def dual(self, gram: torch.Tensor):
+        """(the dual's weights w over tasks [T], sqrt(phi) / |g_w|)."""
+        T = self.num_tasks
+        gram = gram / gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+        b = gram.mean(1)  # g_i . g0
+        sqrt_phi = self.c * b.mean().clamp_min(0).sqrt()  # |g0|^2 = mean of b
+        eps = torch.finfo(gram.dtype).eps
+
+        def norm_gw(w):
+            return (w @ gram @ w).clamp_min(eps).sqrt()
+
+        def objective(w):
+            return w @ b + sqrt_phi * norm_gw(w)
+
+        w = torch.full((T,), 1 / T, dtype=gram.dtype, device=gram.device)
+        y, best, best_f, t = w, w, objective(w), 1.0
+        for _ in range(self.num_iterations):
+            gw = gram @ y
+            grad = b + sqrt_phi * gw / (y @ gw).clamp_min(eps).sqrt()
+            w_next = _project_to_simplex(y - self.lr * grad)
+            t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+            y = w_next + (t - 1) / t_next * (w_next - w)
+            w, t = w_next, t_next
+            f = objective(w)
+            better = f < best_f
+            best, best_f = torch.where(better, w, best), torch.where(better, f, best_f)
+        return best, sqrt_phi / norm_gw(best)
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """[T] weights of the original gradients: d = (1 / T + lambda w) @ g with lambda = sqrt(phi) / |g_w|."""
+        w, lam = self.dual(gram)
+        return 1 / self.num_tasks + lam * w
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _project_to_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto {w >= 0, sum w = 1} (Held et al.; Duchi et al. 2008), without a host sync."""
+    u = v.sort(descending=True).values
+    css = u.cumsum(0) - 1
+    k = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+    rho = ((u - css / k) > 0).to(v.dtype).mul(k).amax()  # the largest k whose condition holds (a prefix)
+    theta = (css * (k == rho)).sum() / rho
+    return (v - theta).clamp_min(0)
+
+
+def last_shared_layer(model) -> list[torch.nn.Parameter]:
+    """The weight and bias of the last layer every task shares: the MLP's last trunk layer (its output layer, or
+    with per-task heads the layer before them), both critics' at once (mtrl's get_last_shared_layers)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if not isinstance(model, StackedMLP) or not len(model.trunk):
+        raise ValueError("agent=gradnorm_state_sac needs an MLP trunk shared by all tasks (plain or multi-head): "
+                         f"{type(model).__name__} has no single last shared layer")
+    layer = model.trunk[-1]
+    return [layer.weight, layer.bias]
+
+
+class GradNorm:
+    """GradNorm (Chen et al. 2018): per component, learned task weights w (sum T) and the loss sum_i w_i L_i.
+
+    G_i = |d w_i L_i / d W| on the last shared layer W, Gbar = mean_i G_i, r_i = L~_i / mean(L~) with L~_i =
+    L_i / L_i(0) the loss relative to the first update's. The weights descend L_grad = sum_i |G_i - Gbar r_i^alpha|
+    (the target held constant, as the paper does): dL_grad / dw_i = sign(G_i - target_i) |dL_i / dW|, by their own
+    Adam, then are renormalised to sum to T. The network step uses the weights from before that step.
+    Loss ratios use |L|: SAC's actor loss is often negative, and the paper's ratio assumes positive losses.
+    The temperature has no shared layer: its loss is the mean over tasks, as MT-SAC's.
+    Weights, their optimizers' states and the initial losses are saved with the agent (a resume continues exactly).
+    """
+
+    def __init__(self, num_tasks: int, alpha: float, lr: float, layers: dict[str, list[torch.nn.Parameter]]):
+        self.num_tasks, self.alpha, self.lr = num_tasks, float(alpha), float(lr)
+        self.layers = layers
+        # Per component, made at its first update (with the losses' dtype and device).
+        self.task_weights: dict[str, torch.Tensor] = {}
+        self.initial_losses: dict[str, torch.Tensor] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def _start(self, name: str, initial_losses: torch.Tensor) -> None:
+        like = self.layers[name][0]  # the network's dtype and device (a checkpoint's tensors may be on the host)
+        w = torch.ones(self.num_tasks, dtype=like.dtype, device=like.device, requires_grad=True)
+        self.task_weights[name] = w
+        self.initial_losses[name] = initial_losses.detach().to(like).clone()
+        self.optimizers[name] = torch.optim.Adam([w], lr=self.lr)
+
+    def backward(self, name: str, task_losses: torch.Tensor, params: list[torch.Tensor]) -> None:
+        if name not in self.layers:
+            task_losses.mean().backward()
+            return
+        if name not in self.task_weights:
+            self._start(name, task_losses)
+        w = self.task_weights[name]
+        grads, _ = per_task_gradients(task_losses, self.layers[name], retain_graph=True)
+        norms = grads.norm(dim=1)  # |dL_i / dW|
+        (w.detach() * task_losses).sum().backward()
+        w.grad = self.weight_gradient(w.detach(), norms, task_losses.detach(), self.initial_losses[name])
+        self.optimizers[name].step()
+        with torch.no_grad():
+            w.mul_(self.num_tasks / w.sum())
+
+    def weight_gradient(self, w, norms, losses, initial) -> torch.Tensor:
+        tiny = torch.finfo(losses.dtype).tiny
+        g = w * norms
+        ratio = losses.abs() / initial.abs().clamp_min(tiny)
+        # A task without rows has loss 0 from the first update on: ratio 1, not 0 / 0.
+        ratio = torch.where(initial != 0, ratio, torch.ones_like(ratio))
+        rate = ratio / ratio.mean().clamp_min(tiny)
+        target = g.mean() * rate.pow(self.alpha)
+        return torch.sign(g - target) * norms
+
+    def state_dict(self) -> dict:
+        return {name: {"task_weights": self.task_weights[name].detach().clone(),
+                       "initial_losses": self.initial_losses[name].clone(),
+                       "optimizer": _adam_state(self.optimizers[name])} for name in self.task_weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, s in state.items():
+            self._start(name, s["initial_losses"])
+            with torch.no_grad():
+                self.task_weights[name].copy_(s["task_weights"])
+            opt = s["optimizer"]
+            self.optimizers[name].load_state_dict({"state": {0: dict(opt["state"])} if opt["state"] else {},
+                                                   "param_groups": [dict(opt["param_group"], params=[0],
+                                                                        betas=tuple(opt["param_group"]["betas"]))]})
+
+
+def _adam_state(opt: torch.optim.Optimizer) -> dict:
+    # One parameter: its state and its group, as plain data (betas a list) that a state tree holds.
+    sd = opt.state_dict()
+    group = {k: list(v) if isinstance(v, tuple) else v for k, v in sd["param_groups"][0].items() if k != "params"}
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in sd["state"].get(0, {}).items()}
+    return {"state": state, "param_group": group}
+
+
+def make_gradient_method(cfg, agent, device):
+    """The gradient method agent.name selects (None: MT-SAC's plain backward of the mean loss)."""
+    method = AGENT_METHODS.get(cfg.name)
+    T = agent.num_tasks
+    if method is None:
+        return None
+    if method == "pcgrad":
+        # Seeded from torch's generator, which the run seeds before building the agent.
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return PCGrad(T, device, cfg.pcgrad.reduction, seed)
+    if method == "cagrad":
+        return CAGrad(T, cfg.cagrad.c, cfg.cagrad.num_iterations, cfg.cagrad.lr)
+    layers = {"critic": last_shared_layer(agent.critic.model), "actor": last_shared_layer(agent.actor.model)}
+    return GradNorm(T, cfg.gradnorm.alpha, cfg.gradnorm.lr, layers)
