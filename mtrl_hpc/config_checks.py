@@ -6,7 +6,7 @@ import os
 import torch
 
 from mtrl_hpc.agents import AGENTS
-from mtrl_hpc.agents.gradient_methods import AGENT_METHODS, PCGRAD_REDUCTIONS
+from mtrl_hpc.agents.gradient_methods import AGENT_METHODS, GRADIENT_ENGINES, PCGRAD_REDUCTIONS
 from mtrl_hpc.agents.sac import OPTIMIZERS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
 from mtrl_hpc.nets.mlp import WEIGHT_INITS
@@ -194,6 +194,11 @@ def _check_routed_trunk(agent) -> list[str]:
 def _check_gradient_method(agent) -> list[str]:
     """The keys of agent=pcgrad_state_sac / cagrad_state_sac / gradnorm_state_sac (agents/gradient_methods.py)."""
     method, mt, problems = AGENT_METHODS.get(agent.name), agent.multitask, []
+    if method is not None and agent.gradient_engine not in GRADIENT_ENGINES:
+        problems.append(f"agent.gradient_engine={agent.gradient_engine!r} is not available; choose one of {', '.join(GRADIENT_ENGINES)}")
+    if method is not None and agent.compile:
+        problems.append(f"agent.compile=true with agent={agent.name}: per-task gradients need the eager networks "
+                        "(torch.compile's backward can be neither batched over tasks nor hooked per layer); set agent.compile=false")
     if method == "pcgrad" and agent.pcgrad.reduction not in PCGRAD_REDUCTIONS:
         problems.append(f"agent.pcgrad.reduction={agent.pcgrad.reduction!r} is not available; choose one of {', '.join(PCGRAD_REDUCTIONS)}")
     if method == "cagrad":

@@ -225,6 +225,18 @@ NETWORKS = {
     "disjoint": ["agent.multitask.should_use_disjoint_policy=True"],
     "film": ["agent.encoder.type_to_select=film", "agent.multitask.should_use_task_encoder=True",
              "agent.multitask.task_encoder_cfg.model_cfg.output_dim=6", "agent.encoder.film.hidden_dim=8"],
+    "layer norm": ["agent.critic.layer_norm=True", "agent.actor.layer_norm=True",
+                   "agent.multitask.should_use_multi_head_policy=True"],
+    "feedforward encoder": ["agent.encoder.type_to_select=feedforward", "agent.encoder.feedforward.hidden_dim=8"],
+    "care (moe attention)": ["agent.encoder.type_to_select=moe", "agent.encoder.moe.task_id_to_encoder_id_cfg.mode=attention",
+                             "agent.encoder.moe.num_experts=2", "agent.multitask.should_use_task_encoder=True",
+                             "agent.encoder.moe.encoder_cfg.hidden_dim=8"],
+    "soft modules": ["agent.multitask.should_use_task_encoder=True", "agent.encoder.type_to_select=feedforward",
+                     "agent.encoder.feedforward.feature_dim=8", "agent.multitask.task_encoder_cfg.model_cfg.output_dim=8",
+                     "agent.multitask.actor_cfg.should_condition_model_on_task_info=True",
+                     "agent.multitask.actor_cfg.should_condition_encoder_on_task_info=False",
+                     "agent.multitask.actor_cfg.should_concatenate_task_info_with_encoder=False",
+                     "agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.num_experts=2"],
     "paco": ["agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.mode=paco",
              "agent.multitask.actor_cfg.moe_cfg.num_experts=2"],
     "moore": ["agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.mode=moore",
@@ -256,15 +268,20 @@ def record_steps(agent, batch, reference):
     return record
 
 
+BATCHES = {"equal": EQUAL, "unequal": UNEQUAL}
+
+
 @pytest.mark.parametrize("network", sorted(NETWORKS))
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_pcgrad_agent_gradients_equal_the_reference(network, reduction):
-    agent = make_agent("agent=pcgrad_state_sac", f"agent.pcgrad.reduction={reduction}", *NETWORKS[network], dtype=torch.float64)
+@pytest.mark.parametrize("reduction, engine, batch", [("sum", "layers", "equal"), ("mean", "layers", "unequal"),
+                                                      ("sum", "batched", "unequal")])
+def test_pcgrad_agent_gradients_equal_the_reference(network, reduction, engine, batch):
+    agent = make_agent("agent=pcgrad_state_sac", f"agent.pcgrad.reduction={reduction}", f"agent.gradient_engine={engine}",
+                       *NETWORKS[network], dtype=torch.float64)
 
     def reference(name, flat, _):
         return pcgrad_reference(flat, drawn_orders(agent.gradient_method), reduction)
 
-    record = record_steps(agent, make_batch(torch.Generator().manual_seed(1), EQUAL, torch.float64), reference)
+    record = record_steps(agent, make_batch(torch.Generator().manual_seed(1), BATCHES[batch], torch.float64), reference)
     assert set(record) == {"critic", "actor", "alpha"}
     for name, (got, expected, flat) in record.items():
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, msg=name)
@@ -320,6 +337,25 @@ def test_gradnorm_agent_first_step(network):
         sign = torch.sign(n - n.mean())
         w = 1 - 0.1 * sign
         torch.testing.assert_close(agent.gradient_method.task_weights[name].detach(), w * T / w.sum(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("network", ["mlp shared alpha", "layer norm", "feedforward encoder", "disjoint"])
+def test_layer_engine_needs_no_batched_backward_for_the_networks(network, monkeypatch):
+    # The MLPs' layers (shared, per-task heads, layer norms, encoder) all take the one-backward path: the batched
+    # backward runs only for the temperature.
+    from mtrl_hpc.agents import gradient_methods
+
+    agent = make_agent("agent=pcgrad_state_sac", *NETWORKS[network], dtype=torch.float64)
+    batched = gradient_methods.per_task_gradients
+    seen = []
+
+    def spy(task_losses, params, retain_graph=False):
+        seen.append(len(params))
+        return batched(task_losses, params, retain_graph)
+
+    monkeypatch.setattr(gradient_methods, "per_task_gradients", spy)
+    agent.update(make_batch(torch.Generator().manual_seed(1), EQUAL, torch.float64), 0)
+    assert seen == [1]  # log_alpha
 
 
 def test_gradnorm_refuses_networks_without_a_last_shared_layer():
@@ -436,6 +472,8 @@ def test_mtrl_gradient_method_commands_train(tmp_path, monkeypatch, command):
     (["agent=cagrad_state_sac", "agent.cagrad.c=1.5"], "agent.cagrad.c=1.5 must be in [0, 1)"),
     (["agent=cagrad_state_sac", "agent.cagrad.num_iterations=0"], "agent.cagrad.num_iterations=0 must be >= 1"),
     (["agent=gradnorm_state_sac", "agent.gradnorm.lr=0"], "agent.gradnorm.lr=0 must be > 0"),
+    (["agent=pcgrad_state_sac", "agent.compile=true"], "agent.compile=true with agent=pcgrad_state_sac: per-task gradients need the eager networks"),
+    (["agent=cagrad_state_sac", "agent.gradient_engine=loop"], "agent.gradient_engine='loop' is not available; choose one of layers, batched"),
     (["agent=gradnorm_state_sac", "agent.multitask.should_use_disjoint_policy=True"],
      "agent.multitask.should_use_disjoint_policy=True does not have"),
 ])

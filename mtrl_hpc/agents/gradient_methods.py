@@ -6,10 +6,18 @@ cagrad_state_sac, gradnorm_state_sac). Components are the agent's optimizers: cr
 task encoder when the critic loss trains it), actor (with the task encoder when the actor loss trains it) and
 alpha (the temperature).
 
-Per-task gradients come from one batched backward: `torch.autograd.grad(losses, params, eye(T),
-is_grads_batched=True)` (vmap over the T one-hot cotangents), never a loop of T backward passes. PCGrad and
-CAGrad then only need the T x T Gram matrix of those gradients: both combine the original per-task gradients
-linearly, so their weights are found on the Gram matrix and the result is one [T] @ [T, P] product.
+Per-task gradients (`TaskGradients`), never a loop of T backward passes:
+- Layers of the networks' StackedLinear / StackedLayerNorm whose rows are the batch's rows: every row belongs to
+  one task and rows do not mix before the loss, so one ordinary backward of sum_t L_t gives each row's output
+  gradient delta, and task t's weight gradient is x_t^T delta_t over its own rows: one batched matmul over
+  [tasks, rows of a task] (the batch's TaskRouting layout), the FLOPs of one weight gradient.
+- Per-task layers (heads, disjoint layers: stack s is task s % T) get their gradient from that same backward:
+  only their own task reaches them.
+- Every other parameter (the temperature, a task encoder's, PaCo's and MOORE's per-task mixing, ...): one batched
+  backward, `torch.autograd.grad(losses, params, eye(T), is_grads_batched=True)` (vmap over the T one-hot
+  cotangents), which costs about T backward passes through the layers above them.
+PCGrad and CAGrad only need the T x T Gram matrix of the per-task gradients: both combine the original
+gradients linearly, so their weights are found on the Gram matrix and the result is one weighted sum.
 Nothing here reads a value on the host: every decision is a tensor op, so an update stays free of syncs.
 """
 
@@ -17,12 +25,16 @@ from __future__ import annotations
 
 import torch
 
-from mtrl_hpc.nets.mlp import StackedMLP
+from torch import nn
+
+from mtrl_hpc.nets.mlp import StackedLayerNorm, StackedLinear, StackedMLP
+from mtrl_hpc.nets.routing import TaskRouting
 
 METHODS = ("pcgrad", "cagrad", "gradnorm")
 # agent.name -> gradient method (mtrl's agent names).
 AGENT_METHODS = {"pcgrad_state_sac": "pcgrad", "cagrad_state_sac": "cagrad", "gradnorm_state_sac": "gradnorm"}
 PCGRAD_REDUCTIONS = ("sum", "mean")
+GRADIENT_ENGINES = ("layers", "batched")  # agent.gradient_engine
 
 
 def per_task_gradients(task_losses: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False):
@@ -36,17 +48,185 @@ def per_task_gradients(task_losses: torch.Tensor, params: list[torch.Tensor], re
     return flat, used
 
 
-def write_gradients(params: list[torch.Tensor], flat: torch.Tensor, used: list[bool]) -> None:
-    """Set each parameter's .grad from the flat vector; a parameter no loss reached keeps grad None (as backward)."""
+class TaskGradients:
+    """The per-task gradients of one optimizer step, [T, ...] per parameter, kept in two forms:
+    dense: (param, [T, *param.shape]); per_stack: (param, its gradient [S, ...], the task of each stack [S])
+    for per-task layers, whose task-t gradient is zero outside task t's stacks."""
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+        self.dense: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.per_stack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def gram(self) -> torch.Tensor:
+        """[T, T]: g_i . g_j over all parameters."""
+        mats = [g.reshape(self.num_tasks, -1) for _, g in self.dense]
+        gram = sum(m @ m.T for m in mats)
+        for _, g, task in self.per_stack:
+            sq = g.reshape(g.shape[0], -1).pow(2).sum(1)
+            gram = gram + torch.diag(torch.zeros(self.num_tasks, dtype=g.dtype, device=g.device).index_add(0, task, sq))
+        return gram
+
+    def norms(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """[T]: |g_t| over these parameters (dense ones)."""
+        ids = {id(p) for p in params}
+        sq = sum(g.reshape(self.num_tasks, -1).pow(2).sum(1) for p, g in self.dense if id(p) in ids)
+        return sq.sqrt()
+
+    def write(self, weights: torch.Tensor) -> None:
+        """p.grad = sum_t weights[t] g_t for every parameter a loss reached."""
+        for p, g in self.dense:
+            p.grad = torch.tensordot(weights.to(g.dtype), g, dims=1)
+        for p, g, task in self.per_stack:
+            p.grad = g * weights.to(g.dtype)[task].view(-1, *[1] * (g.dim() - 1))
+
+
+class _Call:
+    """One forward of a recorded layer: its input, its output's gradient (filled by the backward), its layout."""
+
+    __slots__ = ("module", "x", "grad", "layout")
+
+    def __init__(self, module, x, layout):
+        self.module, self.x, self.grad, self.layout = module, x, None, layout
+
+    def keep_grad(self, grad):
+        self.grad = grad
+
+
+class TaskGradientEngine:
+    """Records the forwards of the networks' StackedLinear / StackedLayerNorm layers during an update (their inputs
+    and, through a tensor hook registered before any in-place activation, their outputs' gradients) and turns one
+    backward of the summed per-task losses into per-task gradients (module docstring). `begin(batch)` starts an
+    update: it sets the row -> task layout and forgets the previous update's forwards."""
+
+    def __init__(self, agent, enabled: bool = True):
+        """enabled=False: every parameter takes the batched backward (agent.gradient_engine=batched)."""
+        self.num_tasks = agent.num_tasks
+        self.routing: TaskRouting | None = None
+        self.calls: list[_Call] = []
+        self.enabled = enabled
+        per_task = set()
+        for m in agent.modules():
+            if isinstance(m, StackedMLP):
+                per_task.update(id(x) for x in (*m.heads, *m.head_norms))
+        # The task encoder runs once per task, not per row: its layers are not in the batch's layout.
+        skip = {id(m) for m in agent.task_encoder.modules()}
+        self._handles = []
+        for net in (agent.encoder, agent.actor, agent.critic):
+            for m in net.modules():
+                if isinstance(m, (StackedLinear, StackedLayerNorm)) and id(m) not in skip:
+                    layout = "stacks" if id(m) in per_task else "rows"
+                    self._handles.append(m.register_forward_hook(self._hook(layout)))
+
+    def _hook(self, layout):
+        def record(module, inputs, output):
+            if self.routing is None or not output.requires_grad or not module.weight.requires_grad:
+                return
+            x = inputs[0]
+            if layout == "rows" and (x.dim() != 3 or x.shape[1] != self.routing.rows):
+                layout_here = None  # not the batch's rows: this layer's parameters take the batched backward
+            else:
+                layout_here = layout
+            call = _Call(module, x, layout_here)
+            output.register_hook(call.keep_grad)
+            self.calls.append(call)
+        return record
+
+    def begin(self, batch) -> None:
+        self.routing = TaskRouting.from_batch(batch, self.num_tasks) if self.enabled else None
+        self.calls = []
+
+    def gradients(self, task_losses: torch.Tensor, params: list[torch.Tensor]) -> TaskGradients:
+        T = self.num_tasks
+        out = TaskGradients(T)
+        ids = {id(p) for p in params}
+        calls = [c for c in self.calls if id(c.module.weight) in ids]
+        bad = {id(c.module) for c in calls if c.layout is None}
+        calls = [c for c in calls if id(c.module) not in bad]
+        covered = {id(t) for c in calls for t in (c.module.weight, c.module.bias)}
+        rest = [p for p in params if id(p) not in covered and p.requires_grad]
+        if rest:
+            grads, used = per_task_gradients(task_losses, rest, retain_graph=bool(calls))
+            offset = 0
+            for p, u in zip(rest, used):
+                n = p.numel()
+                if u:
+                    out.dense.append((p, grads[:, offset:offset + n].reshape(T, *p.shape)))
+                offset += n
+        if not calls:
+            return out
+        modules = list({id(c.module): c.module for c in calls}.values())
+        tensors = [t for m in modules for t in (m.weight, m.bias)]
+        # One backward of the summed losses: fills each call's output gradient; per-task layers' totals are theirs.
+        totals = dict(zip(map(id, tensors), torch.autograd.grad(task_losses.sum(), tensors)))
+        dense = {}
+        for c in calls:
+            if c.layout == "stacks":
+                continue
+            for t, g in zip((c.module.weight, c.module.bias), self._per_task(c)):
+                dense[id(t)] = dense[id(t)] + g if id(t) in dense else g
+        for m in modules:
+            for t in (m.weight, m.bias):
+                if id(t) in dense:
+                    out.dense.append((t, dense[id(t)]))
+                else:
+                    stacks = t.shape[0]
+                    task = torch.arange(stacks, device=t.device) % T
+                    out.per_stack.append((t, totals[id(t)], task))
+        return out
+
+    def _per_task(self, call: _Call):
+        """(weight, bias) gradients [T, *shape] of one call over the batch's rows, grouped by task."""
+        T, m = self.num_tasks, call.module
+        x, grad = call.x, call.grad
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(grad.shape[0], -1, -1)
+        S = grad.shape[0]
+        if isinstance(m, StackedLayerNorm):
+            x = torch.nn.functional.layer_norm(x, x.shape[-1:])  # the normalised input the gain multiplies
+            gx = self.routing.to_tasks(x * grad).view(S, T, -1, x.shape[-1]).sum(2)  # [S, T, f]
+            gb = self.routing.to_tasks(grad).view(S, T, -1, grad.shape[-1]).sum(2)
+            return gx.transpose(0, 1).unsqueeze(2), gb.transpose(0, 1).unsqueeze(2)
+        xt = self.routing.to_tasks(x)  # [S * T, rows of a task, in]
+        gt = self.routing.to_tasks(grad)
+        gw = torch.bmm(xt.transpose(1, 2), gt).view(S, T, *m.weight.shape[1:]).transpose(0, 1)  # [T, S, in, out]
+        gb = gt.sum(1).view(S, T, 1, -1).transpose(0, 1)  # [T, S, 1, out]
+        return gw, gb
+
+
+def batched_gradients(task_losses: torch.Tensor, params: list[torch.Tensor]) -> TaskGradients:
+    """Every parameter's per-task gradients from the batched backward."""
+    T = task_losses.shape[0]
+    out = TaskGradients(T)
+    grads, used = per_task_gradients(task_losses, params)
     offset = 0
     for p, u in zip(params, used):
-        n = p.numel()
         if u:
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+            out.dense.append((p, grads[:, offset:offset + p.numel()].reshape(T, *p.shape)))
+        offset += p.numel()
+    return out
 
 
-class PCGrad:
+class GradientMethod:
+    """Turns one optimizer's per-task losses into its parameters' .grad. engine: per-task gradients from the
+    recorded layers (None: the batched backward for every parameter)."""
+
+    def __init__(self, num_tasks: int, engine: TaskGradientEngine | None = None):
+        self.num_tasks = num_tasks
+        self.engine = engine
+
+    def begin(self, batch) -> None:
+        """An update on this batch starts (its row -> task layout)."""
+        if self.engine is not None:
+            self.engine.begin(batch)
+
+    def gradients(self, task_losses: torch.Tensor, params: list[torch.Tensor]) -> TaskGradients:
+        if self.engine is not None and self.engine.enabled:
+            return self.engine.gradients(task_losses, params)
+        return batched_gradients(task_losses, params)
+
+
+class PCGrad(GradientMethod):
     """Projecting Conflicting Gradients (Yu et al. 2020).
 
     For each task i, over the other tasks j in a random order: if g_i . g_j < 0, g_i -= (g_i . g_j / |g_j|^2) g_j,
@@ -57,17 +237,17 @@ class PCGrad:
     The orders come from the method's own generator, saved with the agent so a resumed run draws the same orders.
     """
 
-    def __init__(self, num_tasks: int, device, reduction: str, seed: int):
+    def __init__(self, num_tasks: int, device, reduction: str, seed: int, engine: TaskGradientEngine | None = None):
         if reduction not in PCGRAD_REDUCTIONS:
             raise ValueError(f"agent.pcgrad.reduction={reduction!r} is not available; choose one of {', '.join(PCGRAD_REDUCTIONS)}")
-        self.num_tasks = num_tasks
+        super().__init__(num_tasks, engine)
         self.reduction = reduction
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def backward(self, name: str, task_losses: torch.Tensor, params: list[torch.Tensor]) -> None:
-        grads, used = per_task_gradients(task_losses, params)
-        write_gradients(params, self.weights(grads @ grads.T) @ grads, used)
+        grads = self.gradients(task_losses, params)
+        grads.write(self.weights(grads.gram()))
 
     def orders(self, device) -> torch.Tensor:
         """[T, T]: row i is task i's random order over the tasks (j == i is skipped when projecting)."""
@@ -99,7 +279,7 @@ class PCGrad:
         self.generator.set_state(state["generator"].cpu())
 
 
-class CAGrad:
+class CAGrad(GradientMethod):
     """Conflict-Averse Gradient descent (Liu et al. 2021).
 
     d = g0 + (sqrt(phi) / |g_w|) g_w with g0 the mean gradient, phi = c^2 |g0|^2 and g_w = sum_i w_i g_i, where w
@@ -110,13 +290,13 @@ class CAGrad:
     The best iterate is kept by tensor comparisons: no host sync. c = 0 gives g0, MT-SAC's gradient of the mean.
     """
 
-    def __init__(self, num_tasks: int, c: float, num_iterations: int, lr: float):
-        self.num_tasks = num_tasks
+    def __init__(self, num_tasks: int, c: float, num_iterations: int, lr: float, engine: TaskGradientEngine | None = None):
+        super().__init__(num_tasks, engine)
         self.c, self.num_iterations, self.lr = float(c), int(num_iterations), float(lr)
 
     def backward(self, name: str, task_losses: torch.Tensor, params: list[torch.Tensor]) -> None:
-        grads, used = per_task_gradients(task_losses, params)
-        write_gradients(params, self.weights(grads @ grads.T) @ grads, used)
+        grads = self.gradients(task_losses, params)
+        grads.write(self.weights(grads.gram()))
 
     def dual(self, gram: torch.Tensor):
         """(the dual's weights w over tasks [T], sqrt(phi) / |g_w|)."""
@@ -179,7 +359,7 @@ def last_shared_layer(model) -> list[torch.nn.Parameter]:
     return [layer.weight, layer.bias]
 
 
-class GradNorm:
+class GradNorm(GradientMethod):
     """GradNorm (Chen et al. 2018): per component, learned task weights w (sum T) and the loss sum_i w_i L_i.
 
     G_i = |d w_i L_i / d W| on the last shared layer W, Gbar = mean_i G_i, r_i = L~_i / mean(L~) with L~_i =
@@ -191,8 +371,10 @@ class GradNorm:
     Weights, their optimizers' states and the initial losses are saved with the agent (a resume continues exactly).
     """
 
-    def __init__(self, num_tasks: int, alpha: float, lr: float, layers: dict[str, list[torch.nn.Parameter]]):
-        self.num_tasks, self.alpha, self.lr = num_tasks, float(alpha), float(lr)
+    def __init__(self, num_tasks: int, alpha: float, lr: float, layers: dict[str, list[torch.nn.Parameter]],
+                 engine: TaskGradientEngine | None = None):
+        super().__init__(num_tasks, engine)
+        self.alpha, self.lr = float(alpha), float(lr)
         self.layers = layers
         # Per component, made at its first update (with the losses' dtype and device).
         self.task_weights: dict[str, torch.Tensor] = {}
@@ -213,9 +395,9 @@ class GradNorm:
         if name not in self.task_weights:
             self._start(name, task_losses)
         w = self.task_weights[name]
-        grads, _ = per_task_gradients(task_losses, self.layers[name], retain_graph=True)
-        norms = grads.norm(dim=1)  # |dL_i / dW|
-        (w.detach() * task_losses).sum().backward()
+        grads = self.gradients(task_losses, params)
+        norms = grads.norms(self.layers[name])  # |dL_i / dW|
+        grads.write(w.detach())  # the gradient of sum_i w_i L_i
         w.grad = self.weight_gradient(w.detach(), norms, task_losses.detach(), self.initial_losses[name])
         self.optimizers[name].step()
         with torch.no_grad():
@@ -261,11 +443,15 @@ def make_gradient_method(cfg, agent, device):
     T = agent.num_tasks
     if method is None:
         return None
+    if cfg.compile:
+        raise ValueError(f"agent={cfg.name} needs eager networks: torch.compile's backward cannot be batched over tasks "
+                         "nor hooked per layer; set agent.compile=false")
+    engine = TaskGradientEngine(agent, enabled=cfg.gradient_engine == "layers")
     if method == "pcgrad":
         # Seeded from torch's generator, which the run seeds before building the agent.
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        return PCGrad(T, device, cfg.pcgrad.reduction, seed)
+        return PCGrad(T, device, cfg.pcgrad.reduction, seed, engine)
     if method == "cagrad":
-        return CAGrad(T, cfg.cagrad.c, cfg.cagrad.num_iterations, cfg.cagrad.lr)
+        return CAGrad(T, cfg.cagrad.c, cfg.cagrad.num_iterations, cfg.cagrad.lr, engine)
     layers = {"critic": last_shared_layer(agent.critic.model), "actor": last_shared_layer(agent.actor.model)}
-    return GradNorm(T, cfg.gradnorm.alpha, cfg.gradnorm.lr, layers)
+    return GradNorm(T, cfg.gradnorm.alpha, cfg.gradnorm.lr, layers, engine)

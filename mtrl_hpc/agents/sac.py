@@ -166,6 +166,8 @@ class SACAgent(nn.Module):
         task_ids = batch.task_ids
         # Per-task heads find each row's task by id (any batch layout); one routing serves every network.
         routing = TaskRouting.from_batch(batch, T) if self.needs_routing else None
+        if self.gradient_method is not None:
+            self.gradient_method.begin(batch)
         metrics = {}
 
         # Critic: Bellman target with the per-task entropy bonus.
