@@ -12,6 +12,12 @@ as the ratio of update times (the JAX peers, metaworld-algorithms: Soft-Modules 
 MT-SAC); multi-head with unequal task shares against equal shares.
 
     python benchmarks/bench_update.py --networks [NAME ...] [--repeats 20]
+
+--gradient-methods: PCGrad, CAGrad and GradNorm (GRADIENT_METHODS below) against MT-SAC in the same way (alternated
+pairs, one thread, CPU time), each with its per-task gradients from the layers' one backward (the default) and from
+the batched backward, and PCGrad with mtrl's plain loop of T backward passes as the reference.
+
+    python benchmarks/bench_update.py --gradient-methods [NAME ...] [--repeats 20]
 """
 
 import argparse
@@ -189,6 +195,46 @@ def bench_networks(repeats, only=None):
         print(f"{name:<36}{n:>12.1f}{m:>12.1f}{ratio:>8.2f}", flush=True)
 
 
+GRADIENT_METHODS = {
+    "pcgrad": ["agent=pcgrad_state_sac"],
+    "pcgrad, batched backward": ["agent=pcgrad_state_sac", "agent.gradient_engine=batched"],
+    "pcgrad, loop of T backward passes": ["agent=pcgrad_state_sac", "agent.gradient_engine=batched"],
+    "cagrad": ["agent=cagrad_state_sac"],
+    "cagrad, batched backward": ["agent=cagrad_state_sac", "agent.gradient_engine=batched"],
+    "gradnorm": ["agent=gradnorm_state_sac"],
+    "gradnorm, batched backward": ["agent=gradnorm_state_sac", "agent.gradient_engine=batched"],
+    "pcgrad, multi-head (vs MT-MH-SAC)": ["agent=pcgrad_state_sac", "agent.multitask.should_use_multi_head_policy=True"],
+}
+
+
+def loop_gradients(task_losses, params):
+    """Per-task gradients as mtrl takes them: one torch.autograd.grad per task."""
+    from mtrl_hpc.agents.gradient_methods import TaskGradients
+
+    out = TaskGradients(T)
+    grads = [torch.autograd.grad(task_losses[t], params, retain_graph=True, allow_unused=True) for t in range(T)]
+    for i, p in enumerate(params):
+        if grads[0][i] is not None:
+            out.dense.append((p, torch.stack([g[i] for g in grads])))
+    return out
+
+
+def bench_gradient_methods(repeats, only=None):
+    batch = make_batch()
+    bases = {False: make_ours(False), True: make_ours(True)}
+    print(f"Gradient method update vs mtrl_hpc MT-SAC, MT10 shapes, 3x{H}, batch {B}, torch threads {torch.get_num_threads()}")
+    print(f"{'method':<36}{'ms/update':>12}{'MT-SAC ms':>12}{'ratio':>8}")
+    for name, overrides in GRADIENT_METHODS.items():
+        if only and not any(o in name for o in only):
+            continue
+        agent = make_ours(False, extra=overrides)
+        if "loop" in name:
+            agent.gradient_method.gradients = loop_gradients
+        base = bases["multi-head" in name]
+        n, m, ratio = paired_times(lambda i: agent.update(batch, i), lambda i: base.update(batch, i), repeats)
+        print(f"{name:<36}{n:>12.1f}{m:>12.1f}{ratio:>8.2f}", flush=True)
+
+
 def paired_times(update, baseline, repeats):
     """Alternate one update of each, so load from other processes hits both alike: (median ms, median baseline ms,
     median of the per-pair ratios). Times are the process's CPU time: with one torch thread, the work done, which
@@ -226,8 +272,14 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time agent.compile=true")
     parser.add_argument("--networks", nargs="*", metavar="NAME",
                         help="each network's update against MT-SAC's (one torch thread, CPU time); names filter NETWORKS")
+    parser.add_argument("--gradient-methods", nargs="*", metavar="NAME",
+                        help="PCGrad/CAGrad/GradNorm updates against MT-SAC's (one torch thread, CPU time); names filter")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.gradient_methods is not None:
+        torch.set_num_threads(1)
+        bench_gradient_methods(args.repeats, args.gradient_methods)
+        return
     if args.networks is not None:
         torch.set_num_threads(1)
         bench_networks(args.repeats, args.networks)

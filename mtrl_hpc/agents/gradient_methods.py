@@ -156,8 +156,10 @@ class TaskGradientEngine:
         if not calls:
             return out
         modules = list({id(c.module): c.module for c in calls}.values())
-        tensors = [t for m in modules for t in (m.weight, m.bias)]
+        stacked = {id(c.module) for c in calls if c.layout == "stacks"}
         # One backward of the summed losses: fills each call's output gradient; per-task layers' totals are theirs.
+        # Of the other layers it asks only the biases' gradients, so that no weight gradient is formed twice.
+        tensors = [t for m in modules for t in ((m.weight, m.bias) if id(m) in stacked else (m.bias,))]
         totals = dict(zip(map(id, tensors), torch.autograd.grad(task_losses.sum(), tensors)))
         dense = {}
         for c in calls:
