@@ -209,6 +209,14 @@ def _check_gradient_method(agent) -> list[str]:
             problems.append(f"agent.cagrad.num_iterations={c.num_iterations} must be >= 1")
         if not c.lr > 0:
             problems.append(f"agent.cagrad.lr={c.lr} must be > 0")
+    if agent.name == "distral":
+        if not 0 < agent.distral_alpha <= 1:
+            problems.append(f"agent.distral_alpha={agent.distral_alpha} must be in (0, 1] (at 0 nothing trains the "
+                            "distilled policy that evaluation runs)")
+        if not agent.distral_beta > 0:
+            problems.append(f"agent.distral_beta={agent.distral_beta} must be > 0")
+        if not mt.should_use_disjoint_policy:
+            problems.append("agent=distral trains one actor and critic per task: agent.multitask.should_use_disjoint_policy must be True")
     if method == "gradnorm":
         if not agent.gradnorm.alpha >= 0:
             problems.append(f"agent.gradnorm.alpha={agent.gradnorm.alpha} must be >= 0")
