@@ -222,10 +222,9 @@ def _check_gradient_method(agent) -> list[str]:
             problems.append(f"agent.gradnorm.alpha={agent.gradnorm.alpha} must be >= 0")
         if not agent.gradnorm.lr > 0:
             problems.append(f"agent.gradnorm.lr={agent.gradnorm.lr} must be > 0")
-        if mt.should_use_disjoint_policy or mt.actor_cfg.moe_cfg.should_use:
-            what = "should_use_disjoint_policy" if mt.should_use_disjoint_policy else "actor_cfg.moe_cfg.should_use"
-            problems.append(f"agent=gradnorm_state_sac balances gradients on the last layer all tasks share, which "
-                            f"agent.multitask.{what}=True does not have; use the MLP or multi-head policy")
+        if mt.should_use_disjoint_policy:
+            problems.append("agent=gradnorm_state_sac balances gradients on the last layer all tasks share, which "
+                            "agent.multitask.should_use_disjoint_policy=True does not have")
     return problems
 
 

@@ -242,7 +242,17 @@ NETWORKS = {
     "moore": ["agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.mode=moore",
               "agent.multitask.actor_cfg.moe_cfg.num_experts=2"],
 }
-GRADNORM_NETWORKS = ["mlp shared alpha", "mlp disentangled alpha", "multi-head", "task encoder (critic and actor)"]
+# The last layer all tasks share, per network (the paper's W).
+GRADNORM_NETWORKS = {
+    "mlp shared alpha": lambda m: m.trunk[-1],
+    "mlp disentangled alpha": lambda m: m.trunk[-1],
+    "multi-head": lambda m: m.trunk[-1],  # the heads are per task
+    "task encoder (critic and actor)": lambda m: m.trunk[-1],
+    "layer norm": lambda m: m.trunk[-1],
+    "soft modules": lambda m: m.last,  # every task mixes all modules
+    "paco": lambda m: m.layers[-1],  # every task composes all parameter sets
+    "moore": lambda m: m.experts.trunk[-1],  # the heads are per task
+}
 
 
 def record_steps(agent, batch, reference):
@@ -308,10 +318,10 @@ def test_cagrad_agent_gradients_solve_the_dual(network):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(flat.mean(0).norm()) + 1e-12, msg=name)
 
 
-@pytest.mark.parametrize("network", GRADNORM_NETWORKS)
+@pytest.mark.parametrize("network", sorted(GRADNORM_NETWORKS))
 def test_gradnorm_agent_first_step(network):
     agent = make_agent("agent=gradnorm_state_sac", "agent.gradnorm.lr=0.1", *NETWORKS[network], dtype=torch.float64)
-    layers = {"critic": agent.critic.model.trunk[-1], "actor": agent.actor.model.trunk[-1]}
+    layers = {name: GRADNORM_NETWORKS[network](getattr(agent, name).model) for name in ("critic", "actor")}
     norms = {}
 
     def reference(name, flat, losses):
@@ -359,7 +369,7 @@ def test_layer_engine_needs_no_batched_backward_for_the_networks(network, monkey
 
 
 def test_gradnorm_refuses_networks_without_a_last_shared_layer():
-    with pytest.raises(ValueError, match="gradnorm_state_sac needs an MLP trunk shared by all tasks"):
+    with pytest.raises(ValueError, match="gradnorm_state_sac needs a layer shared by all tasks"):
         make_agent("agent=gradnorm_state_sac", "agent.multitask.should_use_disjoint_policy=True")
 
 
@@ -372,10 +382,14 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+AGENT_RESUMES = {**METHODS, "gradnorm paco": ["agent=gradnorm_state_sac", *NETWORKS["paco"]],
+                 "cagrad multi-head": ["agent=cagrad_state_sac", *NETWORKS["multi-head"]]}
+
+
+@pytest.mark.parametrize("method", sorted(AGENT_RESUMES))
 @pytest.mark.parametrize("task_ids", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
 def test_agent_state_resumes_exactly(method, task_ids):
-    assert_resume_exact(lambda seed: make_agent(*METHODS[method], seed=seed), task_ids)
+    assert_resume_exact(lambda seed: make_agent(*AGENT_RESUMES[method], seed=seed), task_ids)
 
 
 def test_pcgrad_orders_are_in_the_state():

@@ -351,13 +351,25 @@ def _project_to_simplex(v: torch.Tensor) -> torch.Tensor:
 
 
 def last_shared_layer(model) -> list[torch.nn.Parameter]:
-    """The weight and bias of the last layer every task shares: the MLP's last trunk layer (its output layer, or
-    with per-task heads the layer before them), both critics' at once (mtrl's get_last_shared_layers)."""
+    """The weight and bias of the last layer every task shares, both critics' at once (mtrl's get_last_shared_layers):
+    the MLP's last trunk layer (its output layer, or with per-task heads the layer before them); soft
+    modularization's last modules; PaCo's last parameter sets; MOORE's experts' last layer."""
+    from mtrl_hpc.nets.moore import MOOREMLP
+    from mtrl_hpc.nets.paco import PaCoMLP
+    from mtrl_hpc.nets.soft_modules import SoftModularMLP
+
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    if not isinstance(model, StackedMLP) or not len(model.trunk):
-        raise ValueError("agent=gradnorm_state_sac needs an MLP trunk shared by all tasks (plain or multi-head): "
-                         f"{type(model).__name__} has no single last shared layer")
-    layer = model.trunk[-1]
+    if isinstance(model, SoftModularMLP):
+        layer = model.last
+    elif isinstance(model, PaCoMLP):
+        layer = model.layers[-1]
+    elif isinstance(model, MOOREMLP):
+        layer = model.experts.trunk[-1]
+    elif isinstance(model, StackedMLP) and len(model.trunk):
+        layer = model.trunk[-1]
+    else:
+        raise ValueError("agent=gradnorm_state_sac needs a layer shared by all tasks: "
+                         f"{type(model).__name__} (a disjoint policy) has none")
     return [layer.weight, layer.bias]
 
 
