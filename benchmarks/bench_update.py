@@ -15,7 +15,7 @@ MT-SAC); multi-head with unequal task shares against equal shares.
 
 --gradient-methods: PCGrad, CAGrad and GradNorm (GRADIENT_METHODS below) against MT-SAC in the same way (alternated
 pairs, one thread, CPU time), each with its per-task gradients from the layers' one backward (the default) and from
-the batched backward, and PCGrad with mtrl's plain loop of T backward passes as the reference.
+the batched backward, and PCGrad with mtrl's plain loop of T backward passes as the reference; Distral's update too.
 
     python benchmarks/bench_update.py --gradient-methods [NAME ...] [--repeats 20]
 """
@@ -204,6 +204,7 @@ GRADIENT_METHODS = {
     "gradnorm": ["agent=gradnorm_state_sac"],
     "gradnorm, batched backward": ["agent=gradnorm_state_sac", "agent.gradient_engine=batched"],
     "pcgrad, multi-head (vs MT-MH-SAC)": ["agent=pcgrad_state_sac", "agent.multitask.should_use_multi_head_policy=True"],
+    "distral (per-task nets + pi0)": ["agent=distral"],
 }
 
 
