@@ -189,3 +189,20 @@ def test_mtrl_distral_command_trains_on_mt10(tmp_path, monkeypatch, extra):
     losses = m["train/critic_loss_env_index_"]
     assert losses.shape == (20, 10) and np.isfinite(losses[2:]).all()
     assert list(m["eval/step"]) == [0, 100, 200]
+
+
+def test_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
+    import shutil
+
+    from test_gradient_methods import assert_same_tree, final_agent_state, run_to
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_to(whole, 200, "agent=distral")
+    shutil.copytree(whole, cut)
+    for p in (cut / "checkpoints").glob("step_*.h5"):
+        if int(p.stem.split("_")[1]) > 100:
+            p.unlink()
+    run_to(cut, 200, "agent=distral")
+    (name_a, a), (name_b, b) = final_agent_state(whole), final_agent_state(cut)
+    assert name_a == name_b == f"step_{200:012d}.h5" and "distilled" in a["optimizers"]
+    assert_same_tree(a, b)
