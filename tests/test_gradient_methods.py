@@ -349,10 +349,11 @@ def test_gradnorm_agent_first_step(network):
         torch.testing.assert_close(agent.gradient_method.task_weights[name].detach(), w * T / w.sum(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("network", ["mlp shared alpha", "layer norm", "feedforward encoder", "disjoint"])
+@pytest.mark.parametrize("network", ["mlp shared alpha", "layer norm", "feedforward encoder", "disjoint",
+                                     "task encoder (critic and actor)", "film", "care (moe attention)"])
 def test_layer_engine_needs_no_batched_backward_for_the_networks(network, monkeypatch):
-    # The MLPs' layers (shared, per-task heads, layer norms, encoder) all take the one-backward path: the batched
-    # backward runs only for the temperature.
+    # The MLPs' layers (shared, per-task heads, layer norms, encoders) take the one-backward path and the task
+    # encoder the batched backward of its own rows: the batched backward of the losses runs only for the temperature.
     from mtrl_hpc.agents import gradient_methods
 
     agent = make_agent("agent=pcgrad_state_sac", *NETWORKS[network], dtype=torch.float64)

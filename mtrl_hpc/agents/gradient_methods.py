@@ -13,9 +13,11 @@ Per-task gradients (`TaskGradients`), never a loop of T backward passes:
   [tasks, rows of a task] (the batch's TaskRouting layout), the FLOPs of one weight gradient.
 - Per-task layers (heads, disjoint layers: stack s is task s % T) get their gradient from that same backward:
   only their own task reaches them.
-- Every other parameter (the temperature, a task encoder's, PaCo's and MOORE's per-task mixing, ...): one batched
-  backward, `torch.autograd.grad(losses, params, eye(T), is_grads_batched=True)` (vmap over the T one-hot
-  cotangents), which costs about T backward passes through the layers above them.
+- The task encoder runs once per task: row t of its output is task t's, so its parameters' task-t gradient is
+  the backward of that row's gradient alone, all T rows in one batched backward through the task encoder.
+- Every other parameter (the temperature, PaCo's parameter sets, MOORE's mixing, ...): one batched backward,
+  `torch.autograd.grad(losses, params, eye(T), is_grads_batched=True)` (vmap over the T one-hot cotangents),
+  which costs about T backward passes through the layers above them.
 PCGrad and CAGrad only need the T x T Gram matrix of the per-task gradients: both combine the original
 gradients linearly, so their weights are found on the Gram matrix and the result is one weighted sum.
 Nothing here reads a value on the host: every decision is a tensor op, so an update stays free of syncs.
@@ -24,8 +26,6 @@ Nothing here reads a value on the host: every decision is a tensor op, so an upd
 from __future__ import annotations
 
 import torch
-
-from torch import nn
 
 from mtrl_hpc.nets.mlp import StackedLayerNorm, StackedLinear, StackedMLP
 from mtrl_hpc.nets.routing import TaskRouting
@@ -104,6 +104,7 @@ class TaskGradientEngine:
         self.num_tasks = agent.num_tasks
         self.routing: TaskRouting | None = None
         self.calls: list[_Call] = []
+        self.encodings: list[torch.Tensor] = []  # the task encoder's outputs [T, d] of this update
         self.enabled = enabled
         per_task = set()
         for m in agent.modules():
@@ -117,6 +118,15 @@ class TaskGradientEngine:
                 if isinstance(m, (StackedLinear, StackedLayerNorm)) and id(m) not in skip:
                     layout = "stacks" if id(m) in per_task else "rows"
                     self._handles.append(m.register_forward_hook(self._hook(layout)))
+        # The task encoder: row t of its output is task t's, so task t's gradient of its parameters is the
+        # backward of that row alone; one batched backward through the (small) task encoder gives all T.
+        self.task_encoder_params = {id(p) for p in agent.task_encoder.parameters()}
+        if self.task_encoder_params:
+            self._handles.append(agent.task_encoder.register_forward_hook(self._record_encoding))
+
+    def _record_encoding(self, module, inputs, output):
+        if self.routing is not None and output.requires_grad and inputs[0].numel() == self.num_tasks:
+            self.encodings.append(output)
 
     def _hook(self, layout):
         def record(module, inputs, output):
@@ -134,7 +144,7 @@ class TaskGradientEngine:
 
     def begin(self, batch) -> None:
         self.routing = TaskRouting.from_batch(batch, self.num_tasks) if self.enabled else None
-        self.calls = []
+        self.calls, self.encodings = [], []
 
     def gradients(self, task_losses: torch.Tensor, params: list[torch.Tensor]) -> TaskGradients:
         T = self.num_tasks
@@ -144,23 +154,33 @@ class TaskGradientEngine:
         bad = {id(c.module) for c in calls if c.layout is None}
         calls = [c for c in calls if id(c.module) not in bad]
         covered = {id(t) for c in calls for t in (c.module.weight, c.module.bias)}
+        encoder_params = [p for p in params if id(p) in self.task_encoder_params and p.requires_grad]
+        encodings = self.encodings if encoder_params else []
+        if encodings:
+            covered.update(map(id, encoder_params))
+        # This step's forwards are used up: the next optimizer's step has its own.
+        self.calls = [c for c in self.calls if id(c.module.weight) not in ids]
+        if encoder_params:
+            self.encodings = []
         rest = [p for p in params if id(p) not in covered and p.requires_grad]
         if rest:
-            grads, used = per_task_gradients(task_losses, rest, retain_graph=bool(calls))
+            grads, used = per_task_gradients(task_losses, rest, retain_graph=bool(calls or encodings))
             offset = 0
             for p, u in zip(rest, used):
                 n = p.numel()
                 if u:
                     out.dense.append((p, grads[:, offset:offset + n].reshape(T, *p.shape)))
                 offset += n
-        if not calls:
+        if not calls and not encodings:
             return out
         modules = list({id(c.module): c.module for c in calls}.values())
         stacked = {id(c.module) for c in calls if c.layout == "stacks"}
         # One backward of the summed losses: fills each call's output gradient; per-task layers' totals are theirs.
         # Of the other layers it asks only the biases' gradients, so that no weight gradient is formed twice.
         tensors = [t for m in modules for t in ((m.weight, m.bias) if id(m) in stacked else (m.bias,))]
-        totals = dict(zip(map(id, tensors), torch.autograd.grad(task_losses.sum(), tensors)))
+        grads = torch.autograd.grad(task_losses.sum(), tensors + encodings, allow_unused=True, retain_graph=bool(encodings))
+        totals = dict(zip(map(id, tensors), grads))
+        self._encoder_gradients(out, encodings, grads[len(tensors):], encoder_params)
         dense = {}
         for c in calls:
             if c.layout == "stacks":
@@ -176,6 +196,22 @@ class TaskGradientEngine:
                     task = torch.arange(stacks, device=t.device) % T
                     out.per_stack.append((t, totals[id(t)], task))
         return out
+
+    def _encoder_gradients(self, out: TaskGradients, encodings, grads, params) -> None:
+        """Task t's gradient of the task encoder's parameters: the backward of row t of each encoding with
+        that row's gradient (rows summed over task t's batch rows by the gather), all T in one batched backward."""
+        T = self.num_tasks
+        total = {}
+        for y, g in zip(encodings, grads):
+            if g is None:
+                continue  # this encoding does not reach this loss
+            rows = torch.eye(T, dtype=g.dtype, device=g.device).unsqueeze(-1) * g  # [T, T, d]: row t only
+            per_task = torch.autograd.grad(y, params, grad_outputs=rows, is_grads_batched=True, allow_unused=True,
+                                           retain_graph=True)
+            for p, gp in zip(params, per_task):
+                if gp is not None:
+                    total[id(p)] = total[id(p)] + gp if id(p) in total else gp
+        out.dense.extend((p, total[id(p)]) for p in params if id(p) in total)
 
     def _per_task(self, call: _Call):
         """(weight, bias) gradients [T, *shape] of one call over the batch's rows, grouped by task."""
