@@ -147,7 +147,10 @@ def test_time_limit_signals_checkpoints_requeues_and_completes(slurm_cluster, tm
     state = job.result()
     assert state["done"] == 80
     assert len(state["starts"]) >= 2, state
-    assert all(later["done"] > 0 for later in state["starts"][1:]), state
+    # Every requeued run starts where the saved state is: never back at 0 once progress was saved (a run whose
+    # warning came before its first save, on a loaded machine, starts at 0 again, rightly).
+    done_at_start = [s["done"] for s in state["starts"]]
+    assert done_at_start == sorted(done_at_start) and done_at_start[-1] > 0, state
     log = Path(str(job.paths.stderr)).read_text()
     assert "this job is timed-out" in log, log[-2000:]
     states = wait_until(lambda: _ended(slurm_cluster, job.job_id), 30, "sacct to record the end")
