@@ -350,7 +350,7 @@ def test_gradnorm_agent_first_step(network):
 
 
 @pytest.mark.parametrize("network", ["mlp shared alpha", "layer norm", "feedforward encoder", "disjoint",
-                                     "task encoder (critic and actor)", "film", "care (moe attention)"])
+                                     "task encoder (critic and actor)", "film", "care (moe attention)", "moore"])
 def test_layer_engine_needs_no_batched_backward_for_the_networks(network, monkeypatch):
     # The MLPs' layers (shared, per-task heads, layer norms, encoders) take the one-backward path and the task
     # encoder the batched backward of its own rows: the batched backward of the losses runs only for the temperature.

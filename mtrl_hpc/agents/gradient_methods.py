@@ -15,7 +15,8 @@ Per-task gradients (`TaskGradients`), never a loop of T backward passes:
   only their own task reaches them.
 - The task encoder runs once per task: row t of its output is task t's, so its parameters' task-t gradient is
   the backward of that row's gradient alone, all T rows in one batched backward through the task encoder.
-- Every other parameter (the temperature, PaCo's parameter sets, MOORE's mixing, ...): one batched backward,
+- MOORE's mixing weights are gathered per row by task id: slice t is task t's alone, from that same backward.
+- Every other parameter (the temperature, PaCo's parameter sets, ...): one batched backward,
   `torch.autograd.grad(losses, params, eye(T), is_grads_batched=True)` (vmap over the T one-hot cotangents),
   which costs about T backward passes through the layers above them.
 PCGrad and CAGrad only need the T x T Gram matrix of the per-task gradients: both combine the original
@@ -50,20 +51,20 @@ def per_task_gradients(task_losses: torch.Tensor, params: list[torch.Tensor], re
 
 class TaskGradients:
     """The per-task gradients of one optimizer step, [T, ...] per parameter, kept in two forms:
-    dense: (param, [T, *param.shape]); per_stack: (param, its gradient [S, ...], the task of each stack [S])
-    for per-task layers, whose task-t gradient is zero outside task t's stacks."""
+    dense: (param, [T, *param.shape]); per_stack: (param, its gradient, the task of each slice along `dim`, dim)
+    for per-task parameters, whose task-t gradient is zero outside task t's slices."""
 
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
         self.dense: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.per_stack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.per_stack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
 
     def gram(self) -> torch.Tensor:
         """[T, T]: g_i . g_j over all parameters."""
         mats = [g.reshape(self.num_tasks, -1) for _, g in self.dense]
         gram = sum(m @ m.T for m in mats)
-        for _, g, task in self.per_stack:
-            sq = g.reshape(g.shape[0], -1).pow(2).sum(1)
+        for _, g, task, dim in self.per_stack:
+            sq = g.movedim(dim, 0).reshape(g.shape[dim], -1).pow(2).sum(1)
             gram = gram + torch.diag(torch.zeros(self.num_tasks, dtype=g.dtype, device=g.device).index_add(0, task, sq))
         return gram
 
@@ -77,8 +78,10 @@ class TaskGradients:
         """p.grad = sum_t weights[t] g_t for every parameter a loss reached."""
         for p, g in self.dense:
             p.grad = torch.tensordot(weights.to(g.dtype), g, dims=1)
-        for p, g, task in self.per_stack:
-            p.grad = g * weights.to(g.dtype)[task].view(-1, *[1] * (g.dim() - 1))
+        for p, g, task, dim in self.per_stack:
+            shape = [1] * g.dim()
+            shape[dim] = -1
+            p.grad = g * weights.to(g.dtype)[task].view(shape)
 
 
 class _Call:
@@ -106,10 +109,17 @@ class TaskGradientEngine:
         self.calls: list[_Call] = []
         self.encodings: list[torch.Tensor] = []  # the task encoder's outputs [T, d] of this update
         self.enabled = enabled
-        per_task = set()
+        from mtrl_hpc.nets.moore import MOOREMLP
+
+        per_task = set()  # layers whose stack s is task s % T, run on the TaskRouting layout
+        self.sliced: dict[int, torch.Tensor] = {}  # parameters whose slice t along dim 1 only task t reads
         for m in agent.modules():
             if isinstance(m, StackedMLP):
                 per_task.update(id(x) for x in (*m.heads, *m.head_norms))
+            elif isinstance(m, MOOREMLP):
+                per_task.add(id(m.heads))
+                # compose[:, t] weighs task t's rows only (gathered by task id): a per-task slice along dim 1.
+                self.sliced[id(m.compose)] = m.compose
         # The task encoder runs once per task, not per row: its layers are not in the batch's layout.
         skip = {id(m) for m in agent.task_encoder.modules()}
         self._handles = []
@@ -158,6 +168,8 @@ class TaskGradientEngine:
         encodings = self.encodings if encoder_params else []
         if encodings:
             covered.update(map(id, encoder_params))
+        sliced = [p for p in params if id(p) in self.sliced and p.requires_grad]
+        covered.update(map(id, sliced))
         # This step's forwards are used up: the next optimizer's step has its own.
         self.calls = [c for c in self.calls if id(c.module.weight) not in ids]
         if encoder_params:
@@ -171,16 +183,19 @@ class TaskGradientEngine:
                 if u:
                     out.dense.append((p, grads[:, offset:offset + n].reshape(T, *p.shape)))
                 offset += n
-        if not calls and not encodings:
+        if not calls and not encodings and not sliced:
             return out
         modules = list({id(c.module): c.module for c in calls}.values())
         stacked = {id(c.module) for c in calls if c.layout == "stacks"}
         # One backward of the summed losses: fills each call's output gradient; per-task layers' totals are theirs.
         # Of the other layers it asks only the biases' gradients, so that no weight gradient is formed twice.
-        tensors = [t for m in modules for t in ((m.weight, m.bias) if id(m) in stacked else (m.bias,))]
+        tensors = [t for m in modules for t in ((m.weight, m.bias) if id(m) in stacked else (m.bias,))] + sliced
         grads = torch.autograd.grad(task_losses.sum(), tensors + encodings, allow_unused=True, retain_graph=bool(encodings))
         totals = dict(zip(map(id, tensors), grads))
         self._encoder_gradients(out, encodings, grads[len(tensors):], encoder_params)
+        for p in sliced:
+            if totals[id(p)] is not None:
+                out.per_stack.append((p, totals[id(p)], torch.arange(T, device=p.device), 1))
         dense = {}
         for c in calls:
             if c.layout == "stacks":
@@ -194,7 +209,7 @@ class TaskGradientEngine:
                 else:
                     stacks = t.shape[0]
                     task = torch.arange(stacks, device=t.device) % T
-                    out.per_stack.append((t, totals[id(t)], task))
+                    out.per_stack.append((t, totals[id(t)], task, 0))
         return out
 
     def _encoder_gradients(self, out: TaskGradients, encodings, grads, params) -> None:
