@@ -77,8 +77,10 @@ def _check_values(values: dict, defaults: dict) -> list[str]:
             if any(key.startswith(f"{d}.") for d, v in defaults.items() if v is None) or key.startswith(
                     tuple(f"{f}." for f in FREE_FORM)):
                 continue  # under a key whose default is null, or in a free-form mapping: anything goes
-            close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "no config file defines it"
+            if isinstance(value, dict) and value:
+                continue  # an unknown mapping: its leaves are named, each with its closest valid key
+            close = _closest_key(key, defaults)
+            hint = f"did you mean {close}?" if close else "no config file defines it"
             problems.append(f"{key}: unknown key (nothing reads it); {hint}")
             continue
         default = defaults[key]
@@ -88,6 +90,18 @@ def _check_values(values: dict, defaults: dict) -> list[str]:
         if not _is_instance(value, allowed):
             problems.append(f"{key}={_show(value)} has type {_type_name(value)}; expected {_names(allowed)}")
     return problems
+
+
+def _closest_key(key: str, defaults: dict) -> str | None:
+    """A misspelt sibling first (setup.num_thread -> setup.num_threads), else a close key anywhere."""
+    parent, _, name = key.rpartition(".")
+    leaves = [d for d, v in defaults.items() if not isinstance(v, dict)]
+    siblings = {d.rpartition(".")[2]: d for d in leaves if d.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(key, leaves, n=1, cutoff=0.85)
+    return close[0] if close else None
 
 
 def _plain(cfg: DictConfig, resolve: bool = True) -> dict:

@@ -6,6 +6,7 @@ nothing behind. Multirun jobs are checked in the task function (mtrl_hpc.main), 
 directory again when the job is refused.
 """
 
+import logging
 import sys
 
 from hydra.experimental.callback import Callback
@@ -16,6 +17,8 @@ from mtrl_hpc import run_dir
 from mtrl_hpc.config_checks import ConfigError, check_config, resolve_device
 from mtrl_hpc.config_schema import check_schema, group_overrides, reference_config
 
+log = logging.getLogger(__name__)
+
 # Exit status of a run refused before it started (bad config, unusable paths, unreadable checkpoint).
 EXIT_REFUSED = 2
 
@@ -24,8 +27,13 @@ def config_problems(cfg: DictConfig, choices, overrides) -> list[str]:
     """Every problem of cfg, one message each; empty when it can run.
 
     choices: Hydra's group choices of the run ({"env": "metaworld-mt1", ...}); overrides: its command line."""
-    reference = reference_config(group_overrides(list(overrides), list(choices)))
-    problems = check_schema(cfg, reference)
+    try:
+        reference = reference_config(group_overrides(list(overrides), list(choices)))
+    except Exception as error:  # e.g. a job process that cannot see the command line's config search path
+        log.warning("config keys and types not checked (the config tree cannot be composed here: %s)",
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        reference = None
+    problems = check_schema(cfg, reference) if reference is not None else []
     if problems:
         return problems  # the value checks assume the right types
     problems = check_config(cfg)

@@ -55,6 +55,8 @@ def test_values_of_the_right_type_pass(overrides):
     (["+setup.num_thread=1"], "setup.num_thread: unknown key (nothing reads it); did you mean setup.num_threads?"),
     (["++agent.builder.discont=0.9"], "agent.builder.discont: unknown key (nothing reads it); did you mean agent.builder.discount?"),
     (["+zzz_qqq=1"], "zzz_qqq: unknown key (nothing reads it); no config file defines it"),
+    (["+replay_buffer.extra=1"], "replay_buffer.extra: unknown key (nothing reads it); no config file defines it"),
+    (["+agent.actr.hidden_dim=3"], "agent.actr.hidden_dim: unknown key (nothing reads it); did you mean agent.actor.hidden_dim?"),
     (["metrics.train=[step,critic_los]"], "metrics.train has names nothing logs: ['critic_los']"),
     (["agent.actor.hidden_dim=${nope}"], "agent.actor.hidden_dim: the config cannot be resolved: Interpolation key 'nope' not found"),
 ])
@@ -74,3 +76,19 @@ def test_a_group_choice_is_part_of_the_reference():
 def test_reference_config_composes_outside_a_hydra_app():
     ref = reference_config(["env=metaworld-mt1"])
     assert ref.env.name == "metaworld-mt1" and ref.replay_buffer.batch_size == 1280
+
+
+def test_a_tree_that_cannot_be_composed_skips_the_schema_with_a_warning(monkeypatch, caplog):
+    from mtrl_hpc import prerun
+
+    def fail(_):
+        raise RuntimeError("no config search path here")
+
+    monkeypatch.setattr(prerun, "reference_config", fail)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["replay_buffer.batch_size=4", "setup.device=cpu"])
+    with caplog.at_level("WARNING"):
+        found = prerun.config_problems(cfg, {"env": "metaworld-mt10"}, ["replay_buffer.batch_size=4"])
+    # The value checks still run.
+    assert found == ["replay_buffer.batch_size=4 is smaller than the 10 tasks: every task needs a share of each batch"]
+    assert "config keys and types not checked (the config tree cannot be composed here: no config search path here)" in caplog.text
