@@ -183,6 +183,9 @@ def _check_routed_trunk(agent) -> list[str]:
                             "agent.multitask.should_use_multi_head_policy or should_use_disjoint_policy")
         if agent[net].num_layers < 1:
             problems.append(f"agent.{net}.num_layers={agent[net].num_layers}: {moe.mode} needs at least one layer of modules")
+        if agent[net].layer_norm:
+            problems.append(f"agent.{net}.layer_norm=true: the {moe.mode} trunk ({key}) has no layer norm; "
+                            f"set agent.{net}.layer_norm=false with it")
         features, task_dim = _encoder_feature_dim(agent.encoder), mt.task_encoder_cfg.model_cfg.output_dim
         if moe.mode == "soft_modularization" and mt.should_use_task_encoder and features is not None and features != task_dim:
             problems.append(f"{key}.mode=soft_modularization multiplies the encoder's features by the task encoding: "

@@ -11,8 +11,16 @@ def _first_set(*values):
     return next((v for v in values if v is not None), None)
 
 
-# The config tree uses it: registered by the module every composer of the tree imports.
+def _not(value):
+    """${not:x}: the negation of a boolean (config/agent/components/critic.yaml: layer norm unless routed)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"${{not:...}} needs true or false, got {value!r}")
+    return not value
+
+
+# The config tree uses them: registered by the module every composer of the tree imports.
 OmegaConf.register_new_resolver("first_set", _first_set, replace=True)
+OmegaConf.register_new_resolver("not", _not, replace=True)
 
 
 def config_dir() -> str:

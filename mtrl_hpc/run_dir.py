@@ -12,6 +12,8 @@ import tempfile
 
 from omegaconf import OmegaConf
 
+from mtrl_hpc import config_dir  # noqa: F401  registers the resolvers a saved config may use
+
 # What Hydra writes into a run directory before the run starts.
 HYDRA_FILES = (".hydra", "main.log")
 # Keys that may differ between a run and the command that continues it.

@@ -115,6 +115,12 @@ def test_soft_modules_save_resume_is_exact():
     ([*SOFT, "agent.multitask.should_use_multi_head_policy=True"], "cannot be combined with agent.multitask.should_use_multi_head_policy"),
     ([*SOFT, "agent.multitask.actor_cfg.moe_cfg.mode=hard"], "moe_cfg.mode='hard' is not available; choose one of"),
     ([*SOFT, "agent.actor.num_layers=0"], "agent.actor.num_layers=0: soft_modularization needs at least one layer of modules"),
+    # Layer norm is the MLP trunk's: a routed trunk refuses it rather than train without it.
+    ([*SOFT, "agent.actor.layer_norm=true"], "agent.actor.layer_norm=true: the soft_modularization trunk "
+     "(agent.multitask.actor_cfg.moe_cfg) has no layer norm; set agent.actor.layer_norm=false with it"),
+    (["agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.mode=paco",
+      "agent.critic.layer_norm=true"],
+     "agent.critic.layer_norm=true: the paco trunk (agent.multitask.critic_cfg.moe_cfg) has no layer norm"),
     (["agent.multitask.should_use_soft_modules_task_weights=True"], "set agent.multitask.should_use_disentangled_alpha=True"),
 ])
 def test_soft_modules_config_checks_name_the_key(overrides, needle):
