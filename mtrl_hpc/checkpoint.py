@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 import torch
 
-from mtrl_hpc import hdf5_tree
+from mtrl_hpc import files, hdf5_tree
 from mtrl_hpc.hdf5_tree import Digest, TreeError, read_tree, write_tree
 
 FORMAT = "mtrl_hpc.checkpoint"
@@ -59,8 +59,6 @@ SEGMENT_FORMAT_VERSION = 1
 # format -> (version written, oldest version read)
 _VERSIONS = {FORMAT: (FORMAT_VERSION, 2), SEGMENT_FORMAT: (SEGMENT_FORMAT_VERSION, 1)}
 CHECKSUM_ATTR = "sha256"
-FILE_MODE = 0o644
-DIR_MODE = 0o755
 
 _STEP_RE = re.compile(r"^step_(\d{12})\.h5$")
 _SEG_RE = re.compile(r"^seg_(\d{12})_[0-9a-f]{8}\.h5$")
@@ -254,36 +252,23 @@ def finish_run(run_dir, retain_last_n: int) -> None:
         for p in segdir.iterdir():
             if _SEG_RE.match(p.name) or p.name.startswith(_TMP_PREFIX):
                 p.unlink(missing_ok=True)
-    _fsync_dir(ckdir)
+    files.fsync_dir(ckdir)
 
 
 # ============================================================================================ files
 
 
 def _makedirs(path: pathlib.Path) -> None:
-    for p in reversed([path, *path.parents]):
-        if not p.exists():
-            try:
-                p.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise CheckpointError(f"cannot create the checkpoint directory {p} ({e}); check the run directory's "
-                                      "path and permissions") from None
-            os.chmod(p, DIR_MODE)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        files.make_dirs(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the checkpoint directory {path} ({e}); check the run directory's "
+                              "path and permissions") from None
 
 
 def _write_atomic(final: pathlib.Path, fmt: str, body) -> str:
     """Writes an HDF5 file via ``body(file, digest)`` to a temp name, seals it with its checksum, renames it."""
-    tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}"
+    tmp = files.temp_path(final, _TMP_PREFIX)
     try:
         try:
             with h5py.File(tmp, "w", track_order=True) as f:
@@ -300,15 +285,8 @@ def _write_atomic(final: pathlib.Path, fmt: str, body) -> str:
         except OSError as e:
             raise CheckpointError(
                 f"cannot write {final} ({e}); check free space and permissions of {final.parent}") from None
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, final)
+        files.publish(tmp, final)
         tmp = None
-        _fsync_dir(final.parent)
         return sha
     finally:
         if tmp is not None:

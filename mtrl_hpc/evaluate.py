@@ -37,6 +37,7 @@ import warnings
 
 import numpy as np
 
+from mtrl_hpc import files
 from mtrl_hpc.checkpoint import CheckpointError
 from mtrl_hpc.config_checks import ConfigError
 
@@ -196,14 +197,14 @@ def _main(argv: list[str]) -> int:
         out = options.get("out")
         out_dir = pathlib.Path(out) if out else (run_dir_of(policy.path) / "evaluation"
                                                  / f"step_{policy.step:012d}_seed_{seed}_episodes_{episodes}")
-        video.make_dirs(out_dir)
+        files.make_dirs(out_dir)
         result, seed, videos = evaluate_policy(
             policy, episodes, seed, video_dir=out_dir if options.get("video") else None,
             video_episodes=options.get("video_episodes", 1), video_size=options.get("video_size"),
             camera=options.get("camera"))
-        with video.atomic_output(out_dir / "evaluation.csv") as tmp:
+        with files.atomic_output(out_dir / "evaluation.csv") as tmp:
             tmp.write_text(csv_text(policy.task_names, result))
-        with video.atomic_output(out_dir / "evaluation.json") as tmp:
+        with files.atomic_output(out_dir / "evaluation.json") as tmp:
             tmp.write_text(json.dumps(json_record(policy, result, seed, videos), indent=1) + "\n")
     except (EvaluateError, CheckpointError, ConfigError, ValueError, OSError) as error:
         # ValueError: an option the env or renderer refuses (e.g. an unknown camera); OSError: the output

@@ -34,10 +34,11 @@ from collections.abc import Mapping, Sequence
 import h5py
 import numpy as np
 
+from mtrl_hpc.files import FILE_MODE
+
 FORMAT = "mtrl_hpc.metrics"
 FORMAT_VERSION = 1
 KINDS = ("train", "eval")
-FILE_MODE = 0o644
 
 # mtrl's metric set (config/metrics): scalar and per-task ("_env_index_" there) metrics.
 TRAIN_KEYS = ("episode", "duration", "episode_reward", "success", "batch_reward", "actor_loss", "critic_loss",

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mtrl_hpc.files import FILE_MODE
 from mtrl_hpc.metrics import MetricsError, read_log
 
 DEFAULT_IGNORE = ("setup.seed",)
-FILE_MODE = 0o644
 TRAIN_CURVES = ("success", "critic_loss", "actor_loss", "alpha_value")
 MARKER_MAX = 60  # curves with at most this many points show a marker at each (a single eval row stays visible)
 TRAIN_BINS = 100  # train rows (one per episode) beyond this many per run are averaged in bins of steps

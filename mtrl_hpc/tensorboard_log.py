@@ -27,7 +27,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-FILE_MODE = 0o644
+from mtrl_hpc import files
+
 FILE_VERSION = "brain.Event:2"  # version 2: readers purge on SessionLog.START
 
 
@@ -84,22 +85,15 @@ def cut_after(run_dir, last_step: int) -> None:
             continue
         if len(kept) == len(records) and span == path.stat().st_size:
             continue
-        # the temporary name has no "tfevents": a TensorBoard watching the directory does not read it
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name.replace('tfevents', 'tb')}")
-        tmp.unlink(missing_ok=True)  # left by a killed job whose pid this one reuses
-        try:
-            with _create(tmp) as fh:
-                writer = RecordWriter(fh)
-                for raw in kept:
-                    writer.write(raw)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with files.atomic_output(path) as tmp, _create(tmp) as fh:
+            writer = RecordWriter(fh)
+            for raw in kept:
+                writer.write(raw)
 
 
 def _create(path: pathlib.Path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)  # the same mode as metrics.h5, whatever the umask
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, files.FILE_MODE)
+    os.fchmod(fd, files.FILE_MODE)  # the same mode as metrics.h5, whatever the umask
     return os.fdopen(fd, "wb")
 
 

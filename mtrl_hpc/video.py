@@ -16,18 +16,16 @@ import contextlib
 import fractions
 import os
 import pathlib
-import secrets
 
 import numpy as np
 
+from mtrl_hpc import files
 from mtrl_hpc.config_checks import ConfigError
 
 BACKENDS = ("osmesa", "egl")  # headless only: glfw needs a display
 DEFAULT_SIZE = 256  # pixels, square; a multiple of 16 (the H.264 macroblock), and about 0.2 s a frame on OSMesa
 # Default view (a free camera): the table from the front right, gripper, objects and goals in frame.
 DEFAULT_VIEW = {"lookat": (0.0, 0.65, 0.1), "distance": 1.6, "azimuth": 150.0, "elevation": -30.0}
-FILE_MODE = 0o644
-DIR_MODE = 0o755
 INSTALL_HINT = ("on CPU machines install OSMesa (Debian/Ubuntu: apt-get install libosmesa6) and set MUJOCO_GL=osmesa; "
                 "on GPU nodes set MUJOCO_GL=egl")
 
@@ -168,46 +166,6 @@ class FrameRenderer:
             self._gl = None
 
 
-def _temp_path(path: pathlib.Path) -> pathlib.Path:
-    return path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-
-
-def _publish(tmp: pathlib.Path, path: pathlib.Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yields a temporary path beside `path`; on success it is fsynced, made 0o644 and renamed to `path`,
-    on an exception deleted: readers see the whole file or none."""
-    path = pathlib.Path(path)
-    tmp = _temp_path(path)
-    try:
-        yield tmp
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def make_dirs(path) -> pathlib.Path:
-    """Creates `path` and its missing parents with mode 0o755 (whatever the umask)."""
-    path = pathlib.Path(path)
-    for p in reversed([path, *path.parents]):
-        if not p.exists():
-            try:
-                p.mkdir()
-            except FileExistsError:
-                continue
-            os.chmod(p, DIR_MODE)
-    return path
-
-
 class Mp4Writer:
     """Frames ([height, width, 3] uint8) -> an H.264 MP4 that appears at `path` on `close()`."""
 
@@ -222,7 +180,7 @@ class Mp4Writer:
         self.path = pathlib.Path(path)
         self.frames = 0
         self._av = av
-        self._tmp = _temp_path(self.path)
+        self._tmp = files.temp_path(self.path)
         try:
             self._container = av.open(str(self._tmp), mode="w", format="mp4")
             self._stream = self._container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1000))
@@ -246,7 +204,7 @@ class Mp4Writer:
             for packet in self._stream.encode(None):  # flush the encoder's delayed frames
                 self._container.mux(packet)
             self._container.close()
-            _publish(self._tmp, self.path)
+            files.publish(self._tmp, self.path)
         finally:
             self._tmp.unlink(missing_ok=True)
         return self.path
@@ -276,7 +234,7 @@ def evaluate_and_record(env, act_fn, num_episodes: int, out_dir, episodes_to_rec
     try:
         for task_env in env.envs:
             renderers.append(FrameRenderer(task_env.model, task_env.data, size, size, camera, backend))
-        out_dir = make_dirs(out_dir)
+        out_dir = files.make_dirs(out_dir)
         fps = frame_rate(env)
         for name in env.task_names:
             writers.append(Mp4Writer(out_dir / f"{name}.mp4", size, size, fps))
