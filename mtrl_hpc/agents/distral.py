@@ -92,13 +92,7 @@ class DistralAgent(SACAgent):
             target_q = torch.minimum(tq1, tq2) + prior * next_log_prior
         task = self._task_info(ids, routing, "critic")
         features = self.encoder(batch.obs, task)
-        q1, q2 = self.critic(self._inputs(features, task, self.critic_uses_task), batch.action, task)
-        critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
-                                           self.log_alpha, ids, self.discount, T)
-        self.step_optimizer("critic", critic_losses)
-        metrics["critic_loss"] = critic_losses.mean().detach()
-        metrics["critic_loss_env_index_"] = critic_losses.detach()
-        metrics["batch_reward"] = batch.reward.mean()
+        metrics.update(self._critic_step(batch, task, features, target_q, next_log_prob))
 
         if step % self.actor_update_freq == 0:
             metrics.update(self._update_policies(features.detach(), ids, routing, prior))
@@ -115,12 +109,7 @@ class DistralAgent(SACAgent):
             mu0, log_std0 = self.distilled.distribution(x.detach(), task.detached())
         # log pi0 of the task policy's action: a function of the action only, pi0 held fixed here.
         log_prior = tanh_gaussian_log_prob(mu0, log_std0, pre_tanh)
-        for p in self._critic_params:
-            p.requires_grad_(False)
-        critic_task = task.detached()
-        q1, q2 = self.critic(self._inputs(features, critic_task, self.critic_uses_task), action, critic_task)
-        for p in self._critic_params:
-            p.requires_grad_(True)
+        q1, q2 = self._score_actions(features, task, action)
         # (1 / beta) log pi_i - min Q - (alpha / beta) log pi0: the prior enters as a bonus on both critics' values.
         bonus = prior * log_prior
         actor_losses = losses.actor_loss(log_prob, q1 + bonus, q2 + bonus, self.log_alpha, ids, T)

@@ -181,21 +181,33 @@ class SACAgent(nn.Module):
             target_q = torch.minimum(tq1, tq2)
         task = self._task_info(task_ids, routing, "critic")
         features = self.encoder(batch.obs, task)
-        q1, q2 = self.critic(self._inputs(features, task, self.critic_uses_task), batch.action, task)
         weights = self._task_weights()
-        critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
-                                           self.log_alpha, task_ids, self.discount, T, weights)
-        critic_loss = critic_losses.mean()
-        self.step_optimizer("critic", critic_losses)
-        metrics["critic_loss"] = critic_loss.detach()
-        metrics["critic_loss_env_index_"] = critic_losses.detach()
-        metrics["batch_reward"] = batch.reward.mean()
+        metrics.update(self._critic_step(batch, task, features, target_q, next_log_prob, weights))
 
         if step % self.actor_update_freq == 0:
             metrics.update(self._update_actor_and_alpha(features.detach(), task_ids, routing, weights))
         if step % self.critic_target_update_freq == 0:
             self._soft_update_targets()
         return metrics
+
+    def _score_actions(self, features, task, action) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q1 and Q2 of the actor's actions, for the actor's loss: gradients reach the actions, not the critic."""
+        for p in self._critic_params:
+            p.requires_grad_(False)
+        critic_task = task.detached()
+        q1, q2 = self.critic(self._inputs(features, critic_task, self.critic_uses_task), action, critic_task)
+        for p in self._critic_params:
+            p.requires_grad_(True)
+        return q1, q2
+
+    def _critic_step(self, batch, task, features, target_q, next_log_prob, weights=None) -> dict[str, torch.Tensor]:
+        """The critic's per-task losses against the target values `target_q`, and its optimizer step."""
+        q1, q2 = self.critic(self._inputs(features, task, self.critic_uses_task), batch.action, task)
+        critic_losses = losses.critic_loss(q1, q2, target_q, next_log_prob, batch.reward, batch.not_done,
+                                           self.log_alpha, batch.task_ids, self.discount, self.num_tasks, weights)
+        self.step_optimizer("critic", critic_losses)
+        return {"critic_loss": critic_losses.mean().detach(), "critic_loss_env_index_": critic_losses.detach(),
+                "batch_reward": batch.reward.mean()}
 
     def step_optimizer(self, name: str, task_losses: torch.Tensor) -> None:
         """zero_grad -> backward -> clip -> step of one optimizer ("actor", "critic" or "alpha"): the one place
@@ -231,13 +243,7 @@ class SACAgent(nn.Module):
         T = self.num_tasks
         task = self._task_info(task_ids, routing, "actor")
         action, log_prob, _ = self.actor(self._inputs(features, task, self.actor_uses_task), task)
-        # The critic only scores the actor's actions here: no gradients for its weights.
-        for p in self._critic_params:
-            p.requires_grad_(False)
-        critic_task = task.detached()
-        q1, q2 = self.critic(self._inputs(features, critic_task, self.critic_uses_task), action, critic_task)
-        for p in self._critic_params:
-            p.requires_grad_(True)
+        q1, q2 = self._score_actions(features, task, action)
         actor_losses = losses.actor_loss(log_prob, q1, q2, self.log_alpha, task_ids, T, weights)
         actor_loss = actor_losses.mean()
         self.step_optimizer("actor", actor_losses)
