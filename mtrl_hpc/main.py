@@ -68,10 +68,11 @@ def main(cfg: DictConfig) -> None:
     hydra_dir = pathlib.Path(hydra_cfg.runtime.output_dir)
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
     # Single runs were checked before Hydra made their directory (mtrl_hpc.prerun); multirun jobs are checked here.
-    problems = config_problems(cfg, OmegaConf.to_container(hydra_cfg.runtime.choices), overrides)
-    if problems:
-        run_dirs.remove_unused(hydra_dir)
-        refuse(problems)
+    if multirun:
+        problems = config_problems(cfg, OmegaConf.to_container(hydra_cfg.runtime.choices), overrides)
+        if problems:
+            run_dirs.remove_unused(hydra_dir)
+            refuse(problems)
     try:
         run_dir = _run_dir(cfg, hydra_dir, multirun)
     except run_dirs.RunDirError as error:
