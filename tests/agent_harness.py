@@ -17,6 +17,15 @@ NAMES = ["reach-v3", "push-v3", "door-open-v3"]
 PRETRAINED = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
 
 
+def plain_mlp(layers, x):
+    """A build_mlp-shaped MLP from (W [in, out], b [out]) pairs: ReLU between layers, linear output."""
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i < len(layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
 def agent_cfg(*overrides, num_tasks=T):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["agent.actor.hidden_dim=16", "agent.actor.num_layers=2",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agent_harness import (NAMES, OBS, T, assert_resume_exact, grads_by_loss, make_agent, make_batch, optimizer_of,
-                           reached, run_doc_command)
+                           plain_mlp, reached, run_doc_command)
 from mtrl_hpc.config_checks import check_config
 from mtrl_hpc.nets.mixture import AttentionExpertWeights, FixedExpertWeights, MixtureEncoder
 from mtrl_hpc.nets.routing import TaskRouting
@@ -21,12 +21,6 @@ CARE = [MOE, f"{MODE}=attention", "agent.encoder.moe.num_experts=4", "agent.mult
         "agent.encoder.moe.encoder_cfg.hidden_dim=8"]
 
 
-def plain_mlp(layers, x):
-    for i, (w, b) in enumerate(layers):
-        x = x @ w + b
-        if i < len(layers) - 1:
-            x = torch.relu(x)
-    return x
 
 
 def expert_layers(enc, e):

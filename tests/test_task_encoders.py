@@ -6,26 +6,16 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from agent_harness import ACT, NAMES, OBS, PRETRAINED, T, agent_cfg, make_batch, plain_mlp
 
 from mtrl_hpc.agents.sac import SACAgent
-from mtrl_hpc.config_dir import config_dir
 from mtrl_hpc.nets.task_info import TaskEncoder
-from mtrl_hpc.replay import Batch
 from mtrl_hpc.task_embeddings import DESCRIPTIONS, FORMAT, MT10, load_table, main
 
-T, OBS, ACT = 3, 5, 2
-NAMES = ["reach-v3", "push-v3", "door-open-v3"]
-PRETRAINED = "agent.multitask.task_encoder_cfg.model_cfg.pretrained_embedding_cfg"
+BATCH_IDS = torch.arange(T).repeat_interleave(4)  # 12 rows, 4 per task
 
 
-def plain_mlp(layers, x):
-    """A build_mlp-shaped MLP from (W [in, out], b [out]) pairs: ReLU between layers, linear output."""
-    for i, (w, b) in enumerate(layers):
-        x = x @ w + b
-        if i < len(layers) - 1:
-            x = torch.relu(x)
-    return x
+
 
 
 def layers_of(stacked):
@@ -146,11 +136,6 @@ def test_command_refuses_a_missing_model_in_one_line(tmp_path):
 # ---- in the agent ----
 
 
-def agent_cfg(*overrides):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["agent.actor.hidden_dim=16", "agent.actor.num_layers=2",
-                                           f"agent.multitask.num_envs={T}", *overrides])
-    return cfg.agent
 
 
 def write_table(path, dim=12, seed=0):
@@ -159,10 +144,6 @@ def write_table(path, dim=12, seed=0):
     return path
 
 
-def make_batch(gen, n=12):
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    return Batch(obs=r(n, OBS), action=torch.tanh(r(n, ACT)), reward=r(n, 1), next_obs=r(n, OBS),
-                 not_done=torch.ones(n, 1), task_ids=torch.arange(T).repeat_interleave(n // T), indices=torch.arange(n))
 
 
 def pretrained_agent(tmp_path, *overrides, seed=0, table_seed=0):
@@ -186,7 +167,7 @@ def test_agent_loads_the_table_by_task_name_and_trains_only_the_projection(tmp_p
     assert id(projection) in critic_params and id(projection) not in actor_params
     before = projection.detach().clone()
     table_before = agent.task_encoder.pretrained.clone()
-    agent.update(make_batch(torch.Generator().manual_seed(1)), 0)
+    agent.update(make_batch(torch.Generator().manual_seed(1), BATCH_IDS), 0)
     assert not torch.equal(projection, before)
     torch.testing.assert_close(agent.task_encoder.pretrained, table_before, rtol=0, atol=0)
 
@@ -201,7 +182,7 @@ def test_task_encoder_gets_gradients_only_from_the_losses_it_is_trained_by(tmp_p
         grads[name] = agent.task_encoder.projection.trunk[0].weight.grad.clone()
 
     agent.step_optimizer = spy
-    agent.update(make_batch(torch.Generator().manual_seed(1)), 0)
+    agent.update(make_batch(torch.Generator().manual_seed(1), BATCH_IDS), 0)
     assert grads["critic"] is not None and grads["critic"].abs().sum() > 0
     # The actor's and temperature's backward passes leave the encoder untouched (zeroed by the critic's
     # optimizer only on its next step, so a gradient here would have been accumulated by the actor loss).
@@ -212,7 +193,7 @@ def test_save_resume_is_exact_and_needs_no_file(tmp_path):
     a = pretrained_agent(tmp_path)
     gen = torch.Generator().manual_seed(1)
     for step in range(3):
-        a.update(make_batch(gen), step)
+        a.update(make_batch(gen, BATCH_IDS), step)
     state = a.training_state()
     (tmp_path / "other").mkdir()
     b = pretrained_agent(tmp_path / "other", seed=7, table_seed=3)  # another random init and another table
@@ -221,7 +202,7 @@ def test_save_resume_is_exact_and_needs_no_file(tmp_path):
     for (ka, va), (kb, vb) in zip(sorted(a.training_state()["modules"].items()), sorted(b.training_state()["modules"].items())):
         assert ka == kb
         torch.testing.assert_close(va, vb, rtol=0, atol=0)
-    batch = make_batch(gen)
+    batch = make_batch(gen, BATCH_IDS)
     torch.manual_seed(5)
     a.update(batch, 3)
     torch.manual_seed(5)
