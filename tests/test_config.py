@@ -69,10 +69,10 @@ def test_defaults_follow_mtrl():
     assert cfg.agent.optimizers.actor.lr == 3e-4 and cfg.agent.builder.critic_tau == 0.005
     assert cfg.agent.builder.init_temperature == 1.0
     assert cfg.experiment.save.freq == cfg.experiment.eval_freq
-    # Where mtrl_hpc departs from mtrl's configs on purpose (docs/learning.md): the log-std bounds, critic layer
-    # norm, and reward normalisation, which mtrl applied whatever its config said.
+    # Where mtrl_hpc departs from mtrl on purpose (docs/learning.md): the log-std bounds, critic layer norm, and no
+    # reward normalisation (mtrl applied it whatever its config said).
     assert list(cfg.agent.actor.log_std_bounds) == [-5, 2]
-    assert cfg.env.builder.make_kwargs.should_perform_reward_normalization is True
+    assert cfg.env.builder.make_kwargs.should_perform_reward_normalization is False
     assert cfg.agent.builder.weight_init == "orthogonal"
     assert cfg.agent.critic.layer_norm is True and cfg.agent.actor.layer_norm is False
     # A routed trunk has no layer norm: the critic's default follows it.
