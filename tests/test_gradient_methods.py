@@ -18,6 +18,7 @@ import torch
 from agent_harness import T, assert_resume_exact, make_agent, make_batch
 from mtrl_hpc import checkpoint
 from mtrl_hpc.agents.gradient_methods import CAGrad, GradNorm, PCGrad
+from mtrl_hpc.nets.routing import TaskRouting
 from mtrl_hpc.replay import ReplayBuffer
 
 EQUAL = torch.arange(T).repeat_interleave(8)
@@ -391,6 +392,25 @@ AGENT_RESUMES = {**METHODS, "gradnorm paco": ["agent=gradnorm_state_sac", *NETWO
 @pytest.mark.parametrize("task_ids", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
 def test_agent_state_resumes_exactly(method, task_ids):
     assert_resume_exact(lambda seed: make_agent(*AGENT_RESUMES[method], seed=seed), task_ids)
+
+
+@pytest.mark.parametrize("network", ["multi-head", "disjoint"])
+def test_pcgrad_gradients_with_grouped_rows_in_float32(network):
+    # Unequal shares in float32 on the CPU: per-task layers multiply the rows in place (torch._grouped_mm, RowGroups),
+    # and the engine still finds each head's per-task gradients from its one backward.
+    overrides = NETWORKS.get(network, ["agent.multitask.should_use_disjoint_policy=True"])
+    agent = make_agent("agent=pcgrad_state_sac", *overrides)
+    counts = torch.bincount(UNEQUAL, minlength=T)  # as the replay sampler plans a batch
+    batch = make_batch(torch.Generator().manual_seed(1), UNEQUAL)._replace(
+        task_counts=counts, task_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+    assert TaskRouting.from_batch(batch, T).row_groups(torch.zeros(2, len(UNEQUAL), 4)) is not None
+
+    def reference(name, flat, _):
+        return pcgrad_reference(flat.double(), drawn_orders(agent.gradient_method), "sum").float()
+
+    record = record_steps(agent, batch, reference)
+    for name, (got, expected, flat) in record.items():
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_pcgrad_orders_are_in_the_state():

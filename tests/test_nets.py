@@ -81,6 +81,63 @@ def test_disjoint_equals_separate_whole_mlps_row_by_row(layout):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def apply_plain_with_norms(layers, norms, row):
+    """apply_plain with linear -> layer norm (gain, bias) -> ReLU hidden layers."""
+    x = row
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i < len(layers) - 1:
+            mean, var = x.mean(), x.var(unbiased=False)
+            gain, shift = norms[i]
+            x = torch.relu((x - mean) / torch.sqrt(var + 1e-5) * gain + shift)
+    return x
+
+
+# Unequal shares on the CPU in float32 take torch._grouped_mm over the rows in place: hidden and output widths that
+# are not multiples of 4 (its alignment) are padded, and a task without rows is an empty group.
+@pytest.mark.parametrize("layout", ["unequal_grouped", "missing_task"])
+@pytest.mark.parametrize("kind", ["multi_head", "disjoint"])
+def test_grouped_rows_equal_separate_mlps_in_float32(layout, kind):
+    task_ids = LAYOUTS[layout]
+    torch.manual_seed(0)
+    hidden = 10  # not a multiple of 4
+    if kind == "multi_head":  # an output of 4 features: no padding, so y.sum() sends a stride-0 gradient below
+        net = StackedMLP(MEMBERS, IN, hidden, 4, num_layers=1, num_tasks=T, head_layers=2, layer_norm=True)
+    else:
+        net = StackedMLP(MEMBERS, IN, hidden, OUT, num_layers=2, num_tasks=T, disjoint=True, layer_norm=True)
+    with torch.no_grad():  # gains and shifts that differ per stack, so a row reading another stack's shows
+        for norm in (*net.trunk_norms, *net.head_norms):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    counts = torch.bincount(task_ids, minlength=T)
+    routing = TaskRouting(task_ids, T, counts.tolist(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    x = torch.randn(task_ids.numel(), IN, requires_grad=True)
+    assert routing.row_groups(torch.zeros(MEMBERS, task_ids.numel(), hidden)) is not None
+    out = net(x, routing)
+
+    def plain(m, t):
+        layers = [(l.weight[m], l.bias[m, 0]) for l in net.trunk]
+        layers += [(l.weight[m * T + t], l.bias[m * T + t, 0]) for l in net.heads]
+        norms = [(n.weight[m, 0], n.bias[m, 0]) for n in net.trunk_norms]
+        norms += [(n.weight[m * T + t, 0], n.bias[m * T + t, 0]) for n in net.head_norms]
+        return layers, norms
+
+    ref = torch.stack([torch.stack([apply_plain_with_norms(*plain(m, int(t)), x[r]) for r, t in enumerate(task_ids)])
+                       for m in range(MEMBERS)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x, *net.parameters()]
+    g = torch.randn_like(out)
+    # (y * g).sum() and y.sum(): the second sends a stride-0 gradient, which torch._grouped_mm's backward refuses.
+    for loss in (lambda y: (y * g).sum(), lambda y: y.sum()):
+        grads = torch.autograd.grad(loss(out), params, retain_graph=True)
+        ref_grads = torch.autograd.grad(loss(ref), params, retain_graph=True)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    heads = dict(zip(params, grads))[net.heads[-1].weight]
+    for t in (t for t in range(T) if t not in task_ids.tolist()):
+        assert not heads[[m * T + t for m in range(MEMBERS)]].any()
+
+
 def test_routing_refuses_counts_that_do_not_fit():
     ids = torch.tensor([0, 0, 1])
     with pytest.raises(ValueError, match="sum to 4, the batch has 3 rows"):

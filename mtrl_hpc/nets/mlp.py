@@ -3,7 +3,8 @@
 A `StackedMLP` holds `members` independent copies of the same MLP (1 for an actor, 2 for twin critics) as
 stacked weights, so all copies run in one batched matmul per layer. With per-task heads (MT-MH-SAC), the
 last layers are stacked once more per task, and a `TaskRouting` (mtrl_hpc.nets.routing) takes each row to its
-own task's head by task id: [members * tasks, rows of a task, features] @ [members * tasks, features, out].
+own task's head by task id: [members * tasks, rows of a task, features] @ [members * tasks, features, out]
+(or, for unequal task shares on the CPU, one grouped matmul over the rows where they are: `RowGroups`).
 mtrl instead ran every head on every row and masked the result, discarding (tasks - 1) / tasks of the head
 compute.
 """
@@ -13,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from mtrl_hpc.nets.routing import TaskRouting
+from mtrl_hpc.nets.routing import RowGroups, TaskRouting
 
 # orthogonal: mtrl's init (nn.init.orthogonal_ on each [out, in] weight, zero biases).
 # pytorch_default: nn.Linear's own, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
@@ -43,7 +44,11 @@ class StackedLinear(nn.Module):
         else:
             raise ValueError(f"weight init {scheme!r} is not available; choose one of {', '.join(WEIGHT_INITS)}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
+        """x [stacks, rows, in] -> [stacks, rows, out]; with groups, x [rows, in] -> [rows, out], row r through
+        stack groups.stack_of_row[r]."""
+        if groups is not None:
+            return groups.linear(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)
 
     def extra_repr(self) -> str:
@@ -59,8 +64,11 @@ class StackedLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(stacks, 1, features))
         self.bias = nn.Parameter(torch.zeros(stacks, 1, features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, torch.nn.functional.layer_norm(x, x.shape[-1:]), self.weight)
+    def forward(self, x: torch.Tensor, groups: RowGroups | None = None) -> torch.Tensor:
+        normalised = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        if groups is not None:
+            return torch.addcmul(groups.per_row(self.bias), normalised, groups.per_row(self.weight))
+        return torch.addcmul(self.bias, normalised, self.weight)
 
 
 def init_weights(module: nn.Module, scheme: str) -> None:
@@ -128,12 +136,14 @@ class StackedMLP(nn.Module):
             return x
         if routing is None:
             raise ValueError("a multi-head network needs the batch's task routing (TaskRouting) to pick each row's head")
-        x = routing.to_tasks(x)
+        groups = routing.row_groups(x)
+        members, rows = x.shape[:2]
+        x = routing.to_tasks(x) if groups is None else x.reshape(members * rows, -1)
         for i, layer in enumerate(self.heads):
-            x = layer(x)
+            x = layer(x, groups)
             if i < len(self.heads) - 1:
                 if self.head_norms:
-                    x = self.head_norms[i](x)
+                    x = self.head_norms[i](x, groups)
                 x = torch.relu_(x)
-        return routing.to_rows(x, self.members)
+        return routing.to_rows(x, self.members) if groups is None else x.view(members, rows, -1)
 
