@@ -91,11 +91,12 @@ class Policy:
         return actions[0] if single else actions
 
 
-def load_policy(path, device: str = "cpu") -> Policy:
+def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> Policy:
     """The policy of a checkpoint file, or of the newest good checkpoint of a run directory.
 
-    device: where the actor runs (cpu, cuda, cuda:N or auto). Raises CheckpointError for a missing, corrupt or
-    incomplete checkpoint."""
+    device: where the actor runs (cpu, cuda, cuda:N or auto). fill_missing_keys: config keys the checkpoint's
+    run did not have (written by an older mtrl_hpc) take today's defaults; the networks must still match.
+    Raises CheckpointError for a missing, corrupt or incomplete checkpoint."""
     from mtrl_hpc.agents import make_agent
     from mtrl_hpc.config_checks import resolve_device
     from mtrl_hpc.envs.metaworld import MetaWorldMultiTaskEnv
@@ -105,6 +106,12 @@ def load_policy(path, device: str = "cpu") -> Policy:
     device = resolve_device(device)
     try:
         cfg = OmegaConf.create(config_yaml)
+        if fill_missing_keys:
+            from mtrl_hpc.config_schema import reference_config
+
+            reference = reference_config([f"env={cfg.env.name}"])
+            OmegaConf.set_struct(reference, False)
+            cfg = OmegaConf.merge(reference, cfg)
         task_names = str(state["env"]["task_names"]).split(",")
         step = int(state["counters"]["step"])
         modules = state["agent"]["modules"]

@@ -202,3 +202,28 @@ def test_pyproject_names_the_command():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["mtrl-hpc-evaluate"] == "mtrl_hpc.evaluate:main"
     assert any(req.startswith("av") for req in project["optional-dependencies"]["video"])
+
+
+def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mtrl_hpc import checkpoint
+
+    (tmp_path / "run").mkdir()
+    cfg = make_cfg(tmp_path / "run", "experiment.save.freq=0")
+    experiment = Experiment(cfg, tmp_path / "run")
+    try:
+        assert experiment.run() == "finished"
+    finally:
+        experiment.close()
+    state, config_yaml = checkpoint.load(tmp_path / "run" / "checkpoints" / "step_000000000060.h5")
+    older = OmegaConf.create(config_yaml)
+    del older.agent.builder["weight_init"]  # a key this mtrl_hpc reads that an older run did not write
+    checkpoint.save(tmp_path / "older", 60, state, config_yaml=OmegaConf.to_yaml(older))
+    with pytest.raises(checkpoint.CheckpointError, match="does not hold a policy this mtrl_hpc can build"):
+        mtrl_hpc.load_policy(tmp_path / "older")
+    policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
+    assert policy.config.agent.builder.weight_init == "orthogonal"  # today's default
+    obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
+    expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
+    np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
