@@ -7,6 +7,7 @@ final path, so a reader (or a job killed mid-write) sees the whole old file or t
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import pathlib
 import secrets
@@ -21,6 +22,18 @@ def temp_path(path, prefix: str = ".tmp-") -> pathlib.Path:
     path = pathlib.Path(path)
     name = path.name.replace("tfevents", "tb")
     return path.with_name(f"{prefix}{os.getpid()}-{secrets.token_hex(4)}-{name}")
+
+
+def remove_temp_files(directory, pattern: str) -> None:
+    """Deletes the temporary files (temp_path's names) in `directory` of final names matching `pattern` (fnmatch):
+    what a writer killed mid-write left. Only for directories whose files one process writes."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.glob(".tmp-*-*-*"):
+        final = p.name.split("-", 3)[3]  # .tmp-<pid>-<hex>-<final name>
+        if fnmatch.fnmatch(final, pattern):
+            p.unlink(missing_ok=True)
 
 
 def fsync_dir(path) -> None:

@@ -26,7 +26,6 @@ files in the log's directory, tags ``<kind>/<key>`` and ``<kind>/<key>/<task nam
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import h5py
 import numpy as np
 
-from mtrl_hpc.files import FILE_MODE
+from mtrl_hpc import files
 
 FORMAT = "mtrl_hpc.metrics"
 FORMAT_VERSION = 1
@@ -94,6 +93,7 @@ class MetricsLog:
         self.task_keys = {"train": _keys(train_task_keys), "eval": _keys(eval_task_keys)}
         self._f = self._tb = None
         tb = _tensorboard_module() if tensorboard else None  # before any file is written
+        files.remove_temp_files(self.path.parent, self.path.name)  # of a run killed while writing this log
         if not _append:
             if self.path.exists():
                 raise MetricsError(
@@ -104,12 +104,10 @@ class MetricsLog:
                 raise MetricsError(f"{self.path.parent} already holds TensorBoard event files; use a new run "
                                    "directory (or resume the run)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
             try:
-                with h5py.File(tmp, "w", libver="latest") as f:
-                    self._create_layout(f)
-                os.chmod(tmp, FILE_MODE)
-                os.replace(tmp, self.path)
+                with files.atomic_output(self.path) as tmp:
+                    with h5py.File(tmp, "w", libver="latest") as f:
+                        self._create_layout(f)
             except OSError as e:
                 raise MetricsError(f"cannot create {self.path} ({_short(e)}); check the directory's permissions "
                                    "and free space") from None
@@ -185,13 +183,12 @@ class MetricsLog:
         if old["task_names"] != [str(t) for t in task_names]:
             raise MetricsError(f"{path} logs the tasks {old['task_names']}, this run has {list(task_names)}; use a "
                                "new run directory for a different task set")
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         log = cls.__new__(cls)
-        log.path, log.task_names = tmp, [str(t) for t in task_names]
+        log.task_names = [str(t) for t in task_names]
         log.scalar_keys = {"train": _keys(train_keys), "eval": _keys(eval_keys)}
         log.task_keys = {"train": _keys(train_task_keys), "eval": _keys(eval_task_keys)}
         try:
-            with h5py.File(tmp, "w", libver="latest") as f:
+            with files.atomic_output(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
                 # keep metrics the old log had and this run no longer declares
                 for kind in KINDS:
                     for key, values in old[kind].items():
@@ -211,8 +208,6 @@ class MetricsLog:
                         ds.resize(n, axis=0)
                         if name in old[kind] and n:
                             ds[...] = old[kind][name][keep]
-            os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, path)
         except OSError as e:
             raise MetricsError(
                 f"cannot rewrite {path} for resuming ({_short(e)}); check free space and permissions") from None
@@ -385,17 +380,13 @@ def _num(value: float) -> str:
     return f"{value:.3e}"
 
 
-_BARS: list = []
-
-
 def echo(line: str) -> None:
-    """Prints a line without breaking an active progress bar; flushed (plain lines under SLURM)."""
-    if _BARS:
-        from tqdm import tqdm
+    """Prints a line without breaking an active progress bar (tqdm.write clears and redraws the bars it holds;
+    with none, it is a plain write); flushed (plain lines under SLURM)."""
+    from tqdm import tqdm
 
-        tqdm.write(line, file=sys.stdout)
-    else:
-        print(line, flush=True)
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 class ProgressBar:
@@ -410,7 +401,6 @@ class ProgressBar:
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stdout, dynamic_ncols=True,
                              unit="step", smoothing=0.05)
-            _BARS.append(self._bar)
 
     @property
     def enabled(self) -> bool:
@@ -427,7 +417,6 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-            _BARS.remove(self._bar)
             self._bar = None
 
     def __enter__(self):

@@ -116,6 +116,7 @@ class EventWriter:
     def __init__(self, run_dir, task_names: Sequence[str], last_step: int | None = None):
         self.run_dir = pathlib.Path(run_dir)
         self.task_names = [str(t) for t in task_names]
+        files.remove_temp_files(self.run_dir, "events.out.tb.*")  # of a run killed while cutting its event files
         if last_step is not None:
             cut_after(self.run_dir, int(last_step))
         self.path = _new_path(self.run_dir)

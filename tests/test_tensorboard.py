@@ -135,6 +135,20 @@ def test_resume_shows_every_step_once(tmp_path):
     assert read_log(run / "metrics.h5")["eval"]["step"].tolist() == [0]
 
 
+def test_resume_removes_the_temporary_files_of_a_killed_writer(tmp_path):
+    run = tmp_path / "run"
+    with MetricsLog(run / "metrics.h5", TASKS, tensorboard=True, **KEYS) as log:
+        log_rows(log, range(100, 400, 100), np.random.default_rng(3), {"train": {}, "eval": {}})
+    stale = [run / ".tmp-123-0a1b2c3d-metrics.h5", run / ".tmp-123-0a1b2c3d-events.out.tb.1700000000.node.123"]
+    kept = [run / ".tmp-123-0a1b2c3d-notes.txt", run / "notes.txt"]  # not the log's: left alone
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    with MetricsLog.resume(run / "metrics.h5", TASKS, tensorboard=True, last_step=200, **KEYS):
+        pass
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert read_log(run / "metrics.h5")["train"]["step"].tolist() == [100, 200]
+
+
 def test_resume_after_a_partial_record(tmp_path):
     run = tmp_path / "run"
     rng = np.random.default_rng(2)
