@@ -18,6 +18,8 @@ the device, so routing makes no host sync in the update. Built from bare task id
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional as F
 
@@ -46,7 +48,7 @@ class TaskRouting:
         if not self.equal:
             self.dest = _destinations(task_ids, counts, offsets if grouped else None, self.per_task)
         self.counts = counts
-        self._can_group = grouped and not self.equal and task_ids.device.type == "cpu" and hasattr(torch, "_grouped_mm")
+        self._can_group = grouped and not self.equal and task_ids.device.type == "cpu" and _cpu_grouped_mm_works()
         self._row_groups: dict[int, RowGroups] = {}
 
     @classmethod
@@ -118,6 +120,16 @@ class RowGroups:
         if pad_out:
             y = y[:, :fan_out]
         return y + self.per_row(bias)
+
+
+@functools.cache
+def _cpu_grouped_mm_works() -> bool:
+    """Whether this torch has torch._grouped_mm for float32 on the CPU (torch 2.13 has; older ones may not)."""
+    try:
+        torch._grouped_mm(torch.ones(2, 4), torch.ones(1, 4, 4), offs=torch.tensor([2], dtype=torch.int32))
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _contiguous(grad: torch.Tensor) -> torch.Tensor:
