@@ -5,8 +5,9 @@ with sampled actions, and how close the mean-action hand comes to each goal.
 
 Prints the success rate over goals 0..9 (the training loop's evaluation) and over all episodes, for both ways of
 acting, then for the first --distances goals the closest and final distance (mean actions) of the hand to the
-goal (MetaWorld's tcp_center, and the goal as the last 3 features of the observation); reach-v3 succeeds within 0.05. Reads checkpoints
-written before newer config keys existed: missing keys take today's defaults (the networks must still match).
+goal (MetaWorld's tcp_center, and the goal as the last 3 features of the observation); reach-v3 succeeds within
+0.05. Reads checkpoints written before newer config keys existed: missing keys take today's defaults (the
+networks must still match).
 """
 
 import argparse
@@ -36,18 +37,18 @@ def main() -> None:
     closest = np.full(args.episodes, np.inf)
     final = np.zeros(args.episodes)
 
-    goal = {}  # the goal of the observation the policy saw last: the episode's goal once it has acted
+    seen_goal = {}  # the goal of the observation the policy saw last: the episode's goal once it has acted
     started = set()
 
     def act(obs, sample):
-        goal["pos"] = obs[0, -3:]
+        seen_goal["pos"] = obs[0, -3:]
         return agent.act(torch.as_tensor(obs), ids, sample=sample).numpy()
 
     def track(episode: int) -> None:  # called with the env at each state the mean-action policy reaches
         if episode not in started:  # the reset: this episode's first observation is not seen yet
             started.add(episode)
             return
-        final[episode] = np.linalg.norm(mw.tcp_center - goal["pos"])
+        final[episode] = np.linalg.norm(mw.tcp_center - seen_goal["pos"])
         closest[episode] = min(closest[episode], final[episode])
 
     for sample in (False, True):
