@@ -398,8 +398,8 @@ def test_agent_state_resumes_exactly(method, task_ids):
 def test_pcgrad_gradients_with_grouped_rows_in_float32(network):
     # Unequal shares in float32 on the CPU: per-task layers multiply the rows in place (torch._grouped_mm, RowGroups),
     # and the engine still finds each head's per-task gradients from its one backward.
-    overrides = NETWORKS.get(network, ["agent.multitask.should_use_disjoint_policy=True"])
-    agent = make_agent("agent=pcgrad_state_sac", *overrides)
+    overrides = {"multi-head": NETWORKS["multi-head"], "disjoint": ["agent.multitask.should_use_disjoint_policy=True"]}
+    agent = make_agent("agent=pcgrad_state_sac", *overrides[network])
     counts = torch.bincount(UNEQUAL, minlength=T)  # as the replay sampler plans a batch
     batch = make_batch(torch.Generator().manual_seed(1), UNEQUAL)._replace(
         task_counts=counts, task_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]))

@@ -17,11 +17,21 @@ def plain_mlp_of(net, member, task):
     return layers
 
 
-def apply_plain(layers, row):
+def norms_of(net, member, task):
+    """The (gain [f], shift [f]) of each hidden layer's norm for the member's trunk and the task's head."""
+    norms = [(n.weight[member, 0], n.bias[member, 0]) for n in net.trunk_norms]
+    return norms + [(n.weight[member * T + task, 0], n.bias[member * T + task, 0]) for n in net.head_norms]
+
+
+def apply_plain(layers, row, norms=()):
+    """Linear layers with ReLU between them; with norms, each hidden layer is linear -> layer norm -> ReLU."""
     x = row
     for i, (w, b) in enumerate(layers):
         x = x @ w + b
         if i < len(layers) - 1:
+            if norms:
+                gain, shift = norms[i]
+                x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-5) * gain + shift
             x = torch.relu(x)
     return x
 
@@ -81,18 +91,6 @@ def test_disjoint_equals_separate_whole_mlps_row_by_row(layout):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def apply_plain_with_norms(layers, norms, row):
-    """apply_plain with linear -> layer norm (gain, bias) -> ReLU hidden layers."""
-    x = row
-    for i, (w, b) in enumerate(layers):
-        x = x @ w + b
-        if i < len(layers) - 1:
-            mean, var = x.mean(), x.var(unbiased=False)
-            gain, shift = norms[i]
-            x = torch.relu((x - mean) / torch.sqrt(var + 1e-5) * gain + shift)
-    return x
-
-
 # Unequal shares on the CPU in float32 take torch._grouped_mm over the rows in place: hidden and output widths that
 # are not multiples of 4 (its alignment) are padded, and a task without rows is an empty group.
 @pytest.mark.parametrize("layout", ["unequal_grouped", "missing_task"])
@@ -115,15 +113,8 @@ def test_grouped_rows_equal_separate_mlps_in_float32(layout, kind):
     assert routing.row_groups(torch.zeros(MEMBERS, task_ids.numel(), hidden)) is not None
     out = net(x, routing)
 
-    def plain(m, t):
-        layers = [(l.weight[m], l.bias[m, 0]) for l in net.trunk]
-        layers += [(l.weight[m * T + t], l.bias[m * T + t, 0]) for l in net.heads]
-        norms = [(n.weight[m, 0], n.bias[m, 0]) for n in net.trunk_norms]
-        norms += [(n.weight[m * T + t, 0], n.bias[m * T + t, 0]) for n in net.head_norms]
-        return layers, norms
-
-    ref = torch.stack([torch.stack([apply_plain_with_norms(*plain(m, int(t)), x[r]) for r, t in enumerate(task_ids)])
-                       for m in range(MEMBERS)])
+    ref = torch.stack([torch.stack([apply_plain(plain_mlp_of(net, m, int(t)), x[r], norms_of(net, m, int(t)))
+                                    for r, t in enumerate(task_ids)]) for m in range(MEMBERS)])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     params = [x, *net.parameters()]
     g = torch.randn_like(out)

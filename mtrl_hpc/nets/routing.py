@@ -10,7 +10,8 @@ back in row order, so any batch works: equal or unequal shares, tasks missing, r
   Padding rows cost compute but never reach an output or a gradient.
 - Rows grouped by task in unequal shares on the CPU in float32 (replay batches with task weights): layers may
   instead multiply the rows where they are, one group of rows per (member, task), with torch._grouped_mm
-  (`row_groups`): no padding, no copy, about the time of equal shares.
+  (`row_groups`): no padding rows, about the time of equal shares (widths that are not a multiple of 4, the
+  op's alignment, are padded with zero features).
 
 Built from a replay `Batch` it uses the counts the sampler planned on the host and the offsets it already put on
 the device, so routing makes no host sync in the update. Built from bare task ids it counts them (one sync).
