@@ -18,15 +18,18 @@ from mtrl_hpc.nets.mlp import StackedLinear, StackedMLP
 from mtrl_hpc.nets.task_info import TaskInfo
 
 def orthonormal_combination(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """experts: [..., k, d], weights: [..., k] -> sum_n weights[n] * q_n with q the Gram-Schmidt basis of the
-    experts' rows: [..., d]."""
-    k = experts.shape[-2]
-    gram = experts @ experts.transpose(-1, -2)
+    """experts: [members, k, rows, d] (the stacked experts' own layout), weights: [members, rows, k] ->
+    sum_n weights[n] * q_n per row, q the Gram-Schmidt basis of that row's k expert outputs: [members, rows, d]."""
+    k = experts.shape[1]
+    # One Gram matrix per (member, row). Per member, the rows' [k, d] matrices are one strided batch that bmm reads
+    # in place; over members and rows at once they are not, and the copy that would make them one costs ~10x the
+    # matmul. members is 1 (actor) or 2 (twin critics).
+    gram = torch.stack([torch.bmm(e.transpose(0, 1), e.permute(1, 2, 0)) for e in experts])  # [members, rows, k, k]
     scale = 10 * torch.finfo(experts.dtype).eps * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
     eye = torch.eye(k, dtype=experts.dtype, device=experts.device)
     lower, _ = torch.linalg.cholesky_ex(gram + scale * eye)  # _ex: no host sync to check for errors
     coeffs = torch.linalg.solve_triangular(lower.transpose(-1, -2), weights.unsqueeze(-1), upper=True)  # L^T c = w
-    return (coeffs.transpose(-1, -2) @ experts).squeeze(-2)
+    return (experts * coeffs.squeeze(-1).permute(0, 2, 1).unsqueeze(-1)).sum(1)
 
 
 class MOOREMLP(nn.Module):
@@ -51,7 +54,6 @@ class MOOREMLP(nn.Module):
         m, k = self.members, self.num_experts
         rows = x.shape[0]
         e = self.experts(x.unsqueeze(0).expand(m * k, -1, -1))  # [m * k, rows, hidden]
-        e = e.view(m, k, rows, -1).transpose(1, 2)  # [m, rows, k, hidden]
         w = self.compose[:, task.ids]  # [m, rows, k]
-        features = torch.tanh(orthonormal_combination(e, w))  # [m, rows, hidden]
+        features = torch.tanh(orthonormal_combination(e.view(m, k, rows, -1), w))  # [m, rows, hidden]
         return task.routing.to_rows(self.heads(task.routing.to_tasks(features)), m)
