@@ -9,7 +9,7 @@ eager losses, heads run on every row and masked). Reports ms per update, updates
 
 --networks: instead, each of mtrl_hpc's networks (NETWORKS below) against mtrl_hpc's MT-SAC, interleaved in one run,
 as the ratio of update times (the JAX peers, metaworld-algorithms: Soft-Modules 2.0x, PaCo 4.5x, MOORE 4.6x their
-MT-SAC); multi-head with unequal task shares against equal shares.
+MT-SAC); multi-head, PaCo and MOORE with unequal task shares too.
 
     python benchmarks/bench_update.py --networks [NAME ...] [--repeats 20]
 
@@ -186,7 +186,8 @@ def bench_networks(repeats, only=None):
     print(f"Network update vs mtrl_hpc MT-SAC, MT10 shapes, 3x{H}, batch {B}, torch threads {torch.get_num_threads()}")
     print(f"{'network':<36}{'ms/update':>12}{'MT-SAC ms':>12}{'ratio':>8}")
     runs = [(name, overrides, batch) for name, overrides in NETWORKS.items()]
-    runs.append(("multi-head, unequal shares", NETWORKS["multi-head"], unequal))
+    for name in ("multi-head", "paco K=5 (MWA MT10)", "moore k=4 (MWA MT10)"):
+        runs.append((f"{name.split(' (')[0]}, unequal shares", NETWORKS[name], unequal))
     for name, overrides, b in runs:
         if only and not any(o in name for o in only):
             continue

@@ -394,11 +394,12 @@ def test_agent_state_resumes_exactly(method, task_ids):
     assert_resume_exact(lambda seed: make_agent(*AGENT_RESUMES[method], seed=seed), task_ids)
 
 
-@pytest.mark.parametrize("network", ["multi-head", "disjoint"])
+@pytest.mark.parametrize("network", ["multi-head", "disjoint", "paco", "moore"])
 def test_pcgrad_gradients_with_grouped_rows_in_float32(network):
     # Unequal shares in float32 on the CPU: per-task layers multiply the rows in place (torch._grouped_mm, RowGroups),
-    # and the engine still finds each head's per-task gradients from its one backward.
-    overrides = {"multi-head": NETWORKS["multi-head"], "disjoint": ["agent.multitask.should_use_disjoint_policy=True"]}
+    # and the engine still finds each head's per-task gradients from its one backward (PaCo's from the batched one).
+    overrides = {"multi-head": NETWORKS["multi-head"], "disjoint": ["agent.multitask.should_use_disjoint_policy=True"],
+                 "paco": NETWORKS["paco"], "moore": NETWORKS["moore"]}
     agent = make_agent("agent=pcgrad_state_sac", *overrides[network])
     counts = torch.bincount(UNEQUAL, minlength=T)  # as the replay sampler plans a batch
     batch = make_batch(torch.Generator().manual_seed(1), UNEQUAL)._replace(

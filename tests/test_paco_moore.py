@@ -1,7 +1,8 @@
 """PaCo and MOORE trunks (agent.multitask.actor_cfg.moe_cfg.mode=paco|moore): each against a per-row plain
 reference written as the papers state them (PaCo: every parameter set applied, then combined; MOORE: a Gram-Schmidt
 loop over the experts), values and gradients; per-task weights get gradients from their own tasks and losses only;
-routing differs between tasks; save/resume; config checks; a short MT10 run."""
+routing differs between tasks; unequal task shares (grouped rows) in float32; save/resume; config checks; a short
+MT10 run."""
 
 import pytest
 import torch
@@ -62,11 +63,18 @@ def moore_reference(net, x, ids, member):
     return torch.stack(out)
 
 
-def compare(net, reference, tol):
-    x = torch.randn(IDS.numel(), 6, dtype=torch.float64, requires_grad=True)
-    task = TaskInfo(IDS, torch.zeros(IDS.numel(), 1), TaskRouting(IDS, T))
+def grouped_routing(ids):
+    """The routing of a replay batch grouped by task (the sampler's host counts and device offsets)."""
+    counts = torch.bincount(ids, minlength=T)
+    return TaskRouting(ids, T, counts.tolist(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+
+
+def compare(net, reference, tol, ids=IDS, routing=None):
+    dtype = next(net.parameters()).dtype
+    x = torch.randn(ids.numel(), 6, dtype=dtype, requires_grad=True)
+    task = TaskInfo(ids, torch.zeros(ids.numel(), 1), routing or TaskRouting(ids, T))
     out = net(x, task)
-    ref = torch.stack([reference(net, x, IDS, m) for m in range(net.members)])
+    ref = torch.stack([reference(net, x, ids, m) for m in range(net.members)])
     torch.testing.assert_close(out, ref, **tol)
     g = torch.randn_like(out)
     params = [x, *net.parameters()]
@@ -91,6 +99,29 @@ def test_moore_equals_gram_schmidt_over_the_experts(num_layers):
     # The Cholesky form carries a relative jitter of ten machine epsilons on the Gram matrix.
     grads = compare(net, moore_reference, dict(rtol=1e-8, atol=1e-10))
     assert not grads["compose"][:, 1].any() and not grads["heads.weight"][[1, T + 1]].any()
+
+
+# Unequal shares grouped by task, as a replay batch with task weights: on the CPU in float32 every per-task layer
+# multiplies the rows where they are (RowGroups), the padded layout is not used.
+GROUPED = {"unequal": torch.tensor([0, 1, 1, 1, 2, 2]), "task 1 missing": torch.tensor([0, 0, 0, 2, 2])}
+
+
+@pytest.mark.parametrize("layout", sorted(GROUPED))
+@pytest.mark.parametrize("kind", ["paco", "moore"])
+def test_grouped_rows_equal_the_reference_in_float32(kind, layout):
+    torch.manual_seed(0)
+    ids = GROUPED[layout]
+    routing = grouped_routing(ids)
+    hidden = 10  # not a multiple of 4: the grouped matmul pads it
+    assert routing.row_groups(torch.zeros(2, ids.numel(), hidden)) is not None
+    if kind == "paco":
+        net, reference = PaCoMLP(2, 6, hidden, 3, 2, T, num_sets=4), paco_reference
+    else:
+        net, reference = MOOREMLP(2, 6, hidden, 3, 2, T, num_experts=3), moore_reference
+    grads = compare(net, reference, dict(rtol=1e-4, atol=1e-5), ids, routing)
+    if layout == "task 1 missing":
+        compose = grads["compose.weight" if kind == "paco" else "compose"]
+        assert not compose[:, 1].any() and compose[:, [0, 2]].abs().sum() > 0
 
 
 MODES = {"paco": ["agent.multitask.actor_cfg.moe_cfg.should_use=True", "agent.multitask.actor_cfg.moe_cfg.mode=paco",

@@ -56,4 +56,7 @@ class MOOREMLP(nn.Module):
         e = self.experts(x.unsqueeze(0).expand(m * k, -1, -1))  # [m * k, rows, hidden]
         w = self.compose[:, task.ids]  # [m, rows, k]
         features = torch.tanh(orthonormal_combination(e.view(m, k, rows, -1), w))  # [m, rows, hidden]
+        groups = task.routing.row_groups(features)  # unequal shares on the CPU: no padding rows
+        if groups is not None:
+            return self.heads(features.reshape(m * rows, -1), groups).view(m, rows, -1)
         return task.routing.to_rows(self.heads(task.routing.to_tasks(features)), m)
