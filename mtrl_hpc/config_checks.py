@@ -77,6 +77,7 @@ def check_config(cfg) -> list[str]:
         clip = opt.get("max_grad_norm")
         need(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0),
              f"agent.optimizers.{name}.max_grad_norm={clip} must be a number > 0, or null for no clipping")
+        problems.extend(_check_lr_decay(name, opt.get("lr_decay")))
     need(agent.builder.weight_init in WEIGHT_INITS,
          f"agent.builder.weight_init={agent.builder.weight_init!r} is not available; choose one of {', '.join(WEIGHT_INITS)}")
     bounds = agent.actor.log_std_bounds
@@ -120,6 +121,21 @@ def check_config(cfg) -> list[str]:
          f"replay_buffer.batch_size={rb.batch_size} is smaller than the {env.num_envs} tasks: every task needs a share of each batch")
     need(rb.capacity >= env.num_envs, f"replay_buffer.capacity={rb.capacity} must hold at least one transition per task")
     return problems
+
+
+def _check_lr_decay(name: str, decay) -> list[str]:
+    key = f"agent.optimizers.{name}.lr_decay"
+    if decay is None or decay.get("final_lr") is None:
+        return []
+    final_lr, start, end = decay.get("final_lr"), decay.get("start"), decay.get("end")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (number(final_lr) and final_lr > 0):
+        return [f"{key}.final_lr={final_lr} must be a number > 0, or null for a constant lr"]
+    if not (integer(start) and integer(end) and 0 <= start < end):
+        return [f"{key}: start={start} and end={end} must be update counts with 0 <= start < end "
+                f"(e.g. {key}.start=25000 {key}.end=35000)"]
+    return []
 
 
 def _check_task_conditioned_encoder(agent, env) -> list[str]:
@@ -275,3 +291,4 @@ def validate(cfg) -> None:
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     resolve_device(cfg.setup.device)
+

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from mtrl_hpc.agents.sac import SACAgent
 from mtrl_hpc.config_dir import config_dir
+from mtrl_hpc.nets.routing import TaskRouting
 from mtrl_hpc.replay import Batch
 from mtrl_hpc.task_embeddings import MT10
 
@@ -44,6 +45,18 @@ def make_batch(gen, task_ids, dtype=torch.float32):
     r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
     return Batch(obs=r(n, OBS), action=torch.tanh(r(n, ACT)), reward=r(n, 1), next_obs=r(n, OBS),
                  not_done=torch.ones(n, 1, dtype=dtype), task_ids=task_ids, indices=torch.arange(n))
+
+
+def task_counts(task_ids, num_tasks=T) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's rows per task and where each task's rows start, as the replay sampler plans a grouped batch."""
+    counts = torch.bincount(task_ids, minlength=num_tasks)
+    return counts, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def grouped_routing(task_ids, num_tasks=T) -> TaskRouting:
+    """The routing of a batch grouped by task (the sampler's host counts and device offsets)."""
+    counts, offsets = task_counts(task_ids, num_tasks)
+    return TaskRouting(task_ids, num_tasks, counts.tolist(), offsets)
 
 
 def optimizer_of(agent, param) -> str | None:

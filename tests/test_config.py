@@ -78,6 +78,7 @@ def test_defaults_follow_mtrl():
     # A routed trunk has no layer norm: the critic's default follows it.
     assert make_cfg("agent.multitask.actor_cfg.moe_cfg.should_use=True").agent.critic.layer_norm is False
     assert all(cfg.agent.optimizers[n].max_grad_norm is None for n in ("actor", "critic", "alpha"))
+    assert cfg.agent.optimizers.alpha.lr_decay.final_lr is None  # the temperature keeps its rate
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -93,6 +94,10 @@ def test_defaults_follow_mtrl():
     (["experiment.critic_loss_ceiling=-1"], "experiment.critic_loss_ceiling=-1 must be a number > 0, or null"),
     (["agent.optimizers.critic.max_grad_norm=0"], "agent.optimizers.critic.max_grad_norm=0 must be a number > 0, or null"),
     (["agent.optimizers.alpha.max_grad_norm=true"], "agent.optimizers.alpha.max_grad_norm=True must be a number > 0"),
+    (["agent.optimizers.actor.lr_decay.final_lr=0"], "agent.optimizers.actor.lr_decay.final_lr=0 must be a number > 0, or null"),
+    (["agent.optimizers.critic.lr_decay.final_lr=1e-4", "agent.optimizers.critic.lr_decay.start=100",
+      "agent.optimizers.critic.lr_decay.end=100"],
+     "agent.optimizers.critic.lr_decay: start=100 and end=100 must be update counts with 0 <= start < end"),
     (["agent.builder.weight_init=xavier"], "agent.builder.weight_init='xavier' is not available; choose one of orthogonal, pytorch_default"),
     (["agent.actor.log_std_bounds=[2,-5]"], "agent.actor.log_std_bounds=[2, -5] must be [low, high] numbers with low < high"),
     (["agent.actor.log_std_bounds=[-5]"], "agent.actor.log_std_bounds=[-5] must be [low, high]"),

@@ -168,6 +168,19 @@ def test_temperature_is_one_over_beta_and_not_trained():
     assert set(agent.optimizers()) == {"actor", "critic", "distilled"}
 
 
+def test_distilled_policy_follows_the_actor_learning_rate_decay():
+    decay = ["agent.optimizers.actor.lr=1e-3", "agent.optimizers.actor.lr_decay.final_lr=2e-4",
+             "agent.optimizers.actor.lr_decay.start=0", "agent.optimizers.actor.lr_decay.end=4"]
+    agent = distral(*decay)
+    batch = make_batch(torch.Generator().manual_seed(1), EQUAL, torch.float64)
+    critic_lr = agent.optimizers()["critic"].param_groups[0]["lr"]
+    for step, lr in ((2, 6e-4), (9, 2e-4)):
+        agent.update(batch, step)
+        for name in ("actor", "distilled"):
+            assert agent.optimizers()[name].param_groups[0]["lr"] == pytest.approx(lr)
+        assert agent.optimizers()["critic"].param_groups[0]["lr"] == critic_lr  # no decay of its own
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["agent.distral_alpha=0.0"], "agent.distral_alpha=0.0 must be in (0, 1]"),
     (["agent.distral_beta=0"], "agent.distral_beta=0 must be > 0"),

@@ -15,7 +15,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from agent_harness import T, assert_resume_exact, make_agent, make_batch
+from agent_harness import T, assert_resume_exact, make_agent, make_batch, task_counts
 from mtrl_hpc import checkpoint
 from mtrl_hpc.agents.gradient_methods import CAGrad, GradNorm, PCGrad
 from mtrl_hpc.nets.routing import TaskRouting
@@ -401,9 +401,8 @@ def test_pcgrad_gradients_with_grouped_rows_in_float32(network):
     overrides = {"multi-head": NETWORKS["multi-head"], "disjoint": ["agent.multitask.should_use_disjoint_policy=True"],
                  "paco": NETWORKS["paco"], "moore": NETWORKS["moore"]}
     agent = make_agent("agent=pcgrad_state_sac", *overrides[network])
-    counts = torch.bincount(UNEQUAL, minlength=T)  # as the replay sampler plans a batch
-    batch = make_batch(torch.Generator().manual_seed(1), UNEQUAL)._replace(
-        task_counts=counts, task_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+    counts, offsets = task_counts(UNEQUAL)
+    batch = make_batch(torch.Generator().manual_seed(1), UNEQUAL)._replace(task_counts=counts, task_offsets=offsets)
     assert TaskRouting.from_batch(batch, T).row_groups(torch.zeros(2, len(UNEQUAL), 4)) is not None
 
     def reference(name, flat, _):

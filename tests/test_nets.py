@@ -4,6 +4,7 @@ own task's rows one row at a time, for any batch layout; TaskRouting's two paths
 import pytest
 import torch
 
+from agent_harness import grouped_routing
 from mtrl_hpc.nets.mlp import StackedMLP
 from mtrl_hpc.nets.routing import TaskRouting
 
@@ -55,8 +56,7 @@ def test_multi_head_equals_separate_mlps_row_by_row(layout, with_counts):
     net = StackedMLP(MEMBERS, IN, H, OUT, num_layers=2, num_tasks=T, head_layers=1).double()
     x = torch.randn(task_ids.numel(), IN, dtype=torch.float64, requires_grad=True)
     if with_counts:
-        counts = torch.bincount(task_ids, minlength=T)
-        routing = TaskRouting(task_ids, T, counts.tolist(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+        routing = grouped_routing(task_ids, T)
     else:
         routing = TaskRouting(task_ids, T)
     out = net(x, routing)
@@ -107,8 +107,7 @@ def test_grouped_rows_equal_separate_mlps_in_float32(layout, kind):
         for norm in (*net.trunk_norms, *net.head_norms):
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
-    counts = torch.bincount(task_ids, minlength=T)
-    routing = TaskRouting(task_ids, T, counts.tolist(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    routing = grouped_routing(task_ids, T)
     x = torch.randn(task_ids.numel(), IN, requires_grad=True)
     assert routing.row_groups(torch.zeros(MEMBERS, task_ids.numel(), hidden)) is not None
     out = net(x, routing)

@@ -7,7 +7,7 @@ MT10 run."""
 import pytest
 import torch
 
-from agent_harness import T, assert_resume_exact, grads_by_loss, make_agent, make_batch, reached, run_doc_command
+from agent_harness import T, assert_resume_exact, grads_by_loss, grouped_routing, make_agent, make_batch, reached, run_doc_command
 from mtrl_hpc.config_checks import check_config
 from mtrl_hpc.nets.moore import MOOREMLP
 from mtrl_hpc.nets.paco import PaCoMLP
@@ -61,12 +61,6 @@ def moore_reference(net, x, ids, member):
         f = torch.tanh(sum(net.compose[member, t, n] * q[n] for n in range(k)))
         out.append(lin(net.heads, member * t_count + t, f))
     return torch.stack(out)
-
-
-def grouped_routing(ids):
-    """The routing of a replay batch grouped by task (the sampler's host counts and device offsets)."""
-    counts = torch.bincount(ids, minlength=T)
-    return TaskRouting(ids, T, counts.tolist(), torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
 
 
 def compare(net, reference, tol, ids=IDS, routing=None):

@@ -171,3 +171,26 @@ def test_save_freq_off_the_episode_grid_resumes_exactly(tmp_path_factory):
     status, _, err = finish(start(cut, "experiment.save.freq=25"))
     assert status == 0, err[-3000:]
     assert_same_run(final_state(cut), final_state(whole))
+
+
+def test_learning_rate_decay_resumes_exactly(tmp_path_factory):
+    # Updates start at step 20: the decay runs over steps 50-140, and the cut falls inside it.
+    decay = [f"agent.optimizers.{n}.{k}" for n in ("actor", "critic") for k in (
+        "lr=1e-3", "lr_decay.final_lr=1e-4", "lr_decay.start=30", "lr_decay.end=120")]
+    whole = tmp_path_factory.mktemp("whole")
+    status, _, err = finish(start(whole, *decay))
+    assert status == 0, err[-3000:]
+    cut = tmp_path_factory.mktemp("cut")
+    proc = start(cut, *decay)
+    wait_for(lambda: last_train_step(cut) >= 50, proc)
+    proc.send_signal(signal.SIGUSR1)
+    status, _, err = finish(proc)
+    assert status == 3, err[-3000:]
+    assert 50 <= checkpoint_steps(cut)[-1] < 140
+    status, _, err = finish(start(cut, *decay))
+    assert status == 0, err[-3000:]
+    assert_same_run(final_state(cut), final_state(whole))
+    with h5py.File(checkpoint.find_latest_good(cut), "r") as f:
+        for n in ("actor", "critic", "alpha"):
+            lr = f[f"state/agent/optimizers/{n}/param_groups/0/lr"][()]
+            assert lr == pytest.approx(3e-4 if n == "alpha" else 1e-4), n

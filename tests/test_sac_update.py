@@ -102,6 +102,15 @@ class Adam:
             p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
+def scheduled_lr(opt, step):
+    """lr_decay written as a clamped interpolation: lr before start, final_lr after end."""
+    decay = opt.lr_decay
+    if decay.final_lr is None:
+        return opt.lr
+    frac = min(1.0, max(0.0, (step - decay.start) / (decay.end - decay.start)))
+    return (1 - frac) * opt.lr + frac * decay.final_lr
+
+
 class ReferenceSAC:
     def __init__(self, agent, cfg):
         b, mt = cfg.builder, cfg.multitask
@@ -117,6 +126,7 @@ class ReferenceSAC:
         self.opts = {name: Adam(params, opt[name].lr, tuple(opt[name].betas), opt[name].eps)
                      for name, params in (("critic", flat(self.critic)), ("actor", flat(self.actor)), ("alpha", [self.log_alpha]))}
         self.clip = {name: opt[name].max_grad_norm for name in self.opts}
+        self.opt_cfg = opt
 
     def inputs(self, obs, task_ids):
         return torch.cat([obs, torch.eye(T, dtype=obs.dtype)[task_ids]], -1) if self.uses_task else obs
@@ -138,6 +148,8 @@ class ReferenceSAC:
         return self.log_alpha[task_ids] if self.log_alpha.numel() > 1 else self.log_alpha.expand(task_ids.numel())
 
     def update(self, batch, step):
+        for name, adam in self.opts.items():
+            adam.lr = scheduled_lr(self.opt_cfg[name], step)
         ids = batch.task_ids
         x, x2 = self.inputs(batch.obs, ids), self.inputs(batch.next_obs, ids)
         reward, not_done = batch.reward[:, 0], batch.not_done[:, 0]
@@ -207,6 +219,13 @@ VARIANTS = {
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
                                  "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",
                                  "agent.builder.critic_target_update_freq=3", "agent.actor.log_std_bounds=[-20,2]"], UNEQUAL),
+    # Every phase of each decay within the 12 updates; the temperature's rate rises.
+    "lr_decay_delayed_unequal": (["agent.optimizers.actor.lr=1e-3", "agent.optimizers.actor.lr_decay.final_lr=1e-4",
+                                  "agent.optimizers.actor.lr_decay.start=2", "agent.optimizers.actor.lr_decay.end=8",
+                                  "agent.optimizers.critic.lr_decay.final_lr=1e-5", "agent.optimizers.critic.lr_decay.start=0",
+                                  "agent.optimizers.critic.lr_decay.end=11", "agent.optimizers.alpha.lr_decay.final_lr=3e-3",
+                                  "agent.optimizers.alpha.lr_decay.start=4", "agent.optimizers.alpha.lr_decay.end=6",
+                                  "agent.builder.actor_update_freq=2"], UNEQUAL),
 }
 
 

@@ -65,6 +65,9 @@ class DistralAgent(SACAgent):
         params = list(self.distilled.parameters())
         self._steps["distilled"] = (make_optimizer(params, cfg.optimizers.actor), params, self._steps["actor"][2])
         del self._steps["alpha"]  # nothing trains the temperature
+        self._lr_schedules.pop("alpha", None)
+        if "actor" in self._lr_schedules:
+            self._lr_schedules["distilled"] = self._lr_schedules["actor"]
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
@@ -77,6 +80,7 @@ class DistralAgent(SACAgent):
 
     def update(self, batch, step: int) -> dict[str, torch.Tensor]:
         T, ids = self.num_tasks, batch.task_ids
+        self.set_learning_rates(step)
         routing = TaskRouting.from_batch(batch, T)
         prior = self.distral_alpha / self.distral_beta  # weight of log pi0 in the regularised reward
         metrics = {}

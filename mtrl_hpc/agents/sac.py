@@ -13,6 +13,7 @@ from torch import nn
 
 from mtrl_hpc import losses
 from mtrl_hpc.agents.gradient_methods import make_gradient_method
+from mtrl_hpc.agents.lr_schedule import make_lr_schedule
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
@@ -26,7 +27,7 @@ OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.o
 
 
 # Keys of an optimizer's config node that are not arguments of the torch optimizer.
-STEP_KEYS = ("_target_", "max_grad_norm")
+STEP_KEYS = ("_target_", "max_grad_norm", "lr_decay")
 
 
 def make_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
@@ -117,6 +118,8 @@ class SACAgent(nn.Module):
         self._steps = {name: (optimizer, params, _max_grad_norm(opt[name])) for name, optimizer, params in (
             ("actor", self.actor_optimizer, actor_params), ("critic", self.critic_optimizer, critic_params),
             ("alpha", self.alpha_optimizer, [self.log_alpha]))}
+        # Per optimizer with a decaying rate: its schedule (a function of the update count).
+        self._lr_schedules = {name: s for name in self._steps if (s := make_lr_schedule(opt[name])) is not None}
         self._critic_params = list(self.critic.parameters())
         # (target, source) parameter lists for the soft target updates.
         self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)
@@ -164,6 +167,7 @@ class SACAgent(nn.Module):
         frequencies count gradient updates, so they mean the same with several updates per env step)."""
         T = self.num_tasks
         task_ids = batch.task_ids
+        self.set_learning_rates(step)
         # Per-task heads find each row's task by id (any batch layout); one routing serves every network.
         routing = TaskRouting.from_batch(batch, T) if self.needs_routing else None
         if self.gradient_method is not None:
@@ -208,6 +212,13 @@ class SACAgent(nn.Module):
         self.step_optimizer("critic", critic_losses)
         return {"critic_loss": critic_losses.mean().detach(), "critic_loss_env_index_": critic_losses.detach(),
                 "batch_reward": batch.reward.mean()}
+
+    def set_learning_rates(self, step: int) -> None:
+        """Each decaying optimizer's rate for update `step` (a Python float: no device work)."""
+        for name, schedule in self._lr_schedules.items():
+            lr = schedule(step)
+            for group in self._steps[name][0].param_groups:
+                group["lr"] = lr
 
     def step_optimizer(self, name: str, task_losses: torch.Tensor) -> None:
         """zero_grad -> backward -> clip -> step of one optimizer ("actor", "critic" or "alpha"): the one place
