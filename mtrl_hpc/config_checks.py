@@ -77,7 +77,7 @@ def check_config(cfg) -> list[str]:
         clip = opt.get("max_grad_norm")
         need(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0),
              f"agent.optimizers.{name}.max_grad_norm={clip} must be a number > 0, or null for no clipping")
-        problems.extend(_check_lr_decay(name, opt.get("lr_decay")))
+        problems.extend(_check_lr_decay(name, opt.lr, opt.get("lr_decay")))
     need(agent.builder.weight_init in WEIGHT_INITS,
          f"agent.builder.weight_init={agent.builder.weight_init!r} is not available; choose one of {', '.join(WEIGHT_INITS)}")
     bounds = agent.actor.log_std_bounds
@@ -123,7 +123,7 @@ def check_config(cfg) -> list[str]:
     return problems
 
 
-def _check_lr_decay(name: str, decay) -> list[str]:
+def _check_lr_decay(name: str, lr, decay) -> list[str]:
     key = f"agent.optimizers.{name}.lr_decay"
     if decay is None or decay.get("final_lr") is None:
         return []
@@ -132,6 +132,10 @@ def _check_lr_decay(name: str, decay) -> list[str]:
     integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     if not (number(final_lr) and final_lr > 0):
         return [f"{key}.final_lr={final_lr} must be a number > 0, or null for a constant lr"]
+    if isinstance(lr, (int, float)) and final_lr > lr:
+        # A decay never raises the rate (a smaller lr given alone would otherwise climb to final_lr).
+        return [f"{key}.final_lr={final_lr} is above agent.optimizers.{name}.lr={lr}; set {key}.final_lr to at most "
+                f"{lr}, or to null for a constant lr"]
     if not (integer(start) and integer(end) and 0 <= start < end):
         return [f"{key}: start={start} and end={end} must be update counts with 0 <= start < end "
                 f"(e.g. {key}.start=25000 {key}.end=35000)"]

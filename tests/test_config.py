@@ -98,6 +98,8 @@ def test_defaults_follow_mtrl():
     (["agent.optimizers.critic.lr_decay.final_lr=1e-4", "agent.optimizers.critic.lr_decay.start=100",
       "agent.optimizers.critic.lr_decay.end=100"],
      "agent.optimizers.critic.lr_decay: start=100 and end=100 must be update counts with 0 <= start < end"),
+    (["agent.optimizers.critic.lr=1e-4", "agent.optimizers.critic.lr_decay.final_lr=3e-4"],
+     "agent.optimizers.critic.lr_decay.final_lr=0.0003 is above agent.optimizers.critic.lr=0.0001; set"),
     (["agent.builder.weight_init=xavier"], "agent.builder.weight_init='xavier' is not available; choose one of orthogonal, pytorch_default"),
     (["agent.actor.log_std_bounds=[2,-5]"], "agent.actor.log_std_bounds=[2, -5] must be [low, high] numbers with low < high"),
     (["agent.actor.log_std_bounds=[-5]"], "agent.actor.log_std_bounds=[-5] must be [low, high]"),

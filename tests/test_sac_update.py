@@ -219,11 +219,11 @@ VARIANTS = {
                                  "agent.optimizers.critic.max_grad_norm=0.5", "agent.optimizers.actor.max_grad_norm=0.05",
                                  "agent.optimizers.alpha.max_grad_norm=0.01", "agent.optimizers.actor.eps=1e-5", "agent.builder.actor_update_freq=2",
                                  "agent.builder.critic_target_update_freq=3", "agent.actor.log_std_bounds=[-20,2]"], UNEQUAL),
-    # Every phase of each decay within the 12 updates; the temperature's rate rises.
+    # Every phase of each decay within the 12 updates.
     "lr_decay_delayed_unequal": (["agent.optimizers.actor.lr=1e-3", "agent.optimizers.actor.lr_decay.final_lr=1e-4",
                                   "agent.optimizers.actor.lr_decay.start=2", "agent.optimizers.actor.lr_decay.end=8",
                                   "agent.optimizers.critic.lr_decay.final_lr=1e-5", "agent.optimizers.critic.lr_decay.start=0",
-                                  "agent.optimizers.critic.lr_decay.end=11", "agent.optimizers.alpha.lr_decay.final_lr=3e-3",
+                                  "agent.optimizers.critic.lr_decay.end=11", "agent.optimizers.alpha.lr_decay.final_lr=3e-5",
                                   "agent.optimizers.alpha.lr_decay.start=4", "agent.optimizers.alpha.lr_decay.end=6",
                                   "agent.builder.actor_update_freq=2"], UNEQUAL),
 }
