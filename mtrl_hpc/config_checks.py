@@ -54,7 +54,7 @@ def check_config(cfg) -> list[str]:
     need(isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1,
          f"env.max_episode_steps={env.max_episode_steps} must be an integer >= 1")
     ceiling = exp.critic_loss_ceiling
-    need(ceiling is None or (isinstance(ceiling, (int, float)) and not isinstance(ceiling, bool) and ceiling > 0),
+    need(ceiling is None or (_is_number(ceiling) and ceiling > 0),
          f"experiment.critic_loss_ceiling={ceiling} must be a number > 0, or null for no ceiling")
     need(isinstance(exp.save.freq, int) and exp.save.freq >= 0,
          f"experiment.save.freq={exp.save.freq} must be an integer >= 0 (0: no periodic checkpoints)")
@@ -75,13 +75,13 @@ def check_config(cfg) -> list[str]:
              f"agent.optimizers.{name}._target_={opt['_target_']!r} is not available; choose one of {', '.join(OPTIMIZERS)}")
         need(opt.lr > 0, f"agent.optimizers.{name}.lr={opt.lr} must be > 0")
         clip = opt.get("max_grad_norm")
-        need(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0),
+        need(clip is None or (_is_number(clip) and clip > 0),
              f"agent.optimizers.{name}.max_grad_norm={clip} must be a number > 0, or null for no clipping")
         problems.extend(_check_lr_decay(name, opt.lr, opt.get("lr_decay")))
     need(agent.builder.weight_init in WEIGHT_INITS,
          f"agent.builder.weight_init={agent.builder.weight_init!r} is not available; choose one of {', '.join(WEIGHT_INITS)}")
     bounds = agent.actor.log_std_bounds
-    need(len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+    need(len(bounds) == 2 and all(_is_number(b) for b in bounds)
          and bounds[0] < bounds[1],
          f"agent.actor.log_std_bounds={list(bounds)} must be [low, high] numbers with low < high, e.g. [-5, 2]")
     for part in ("actor", "critic"):
@@ -123,20 +123,27 @@ def check_config(cfg) -> list[str]:
     return problems
 
 
+def _is_number(value) -> bool:
+    """An int or float from the config (YAML's true/false are bools, which Python counts as ints)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_lr_decay(name: str, lr, decay) -> list[str]:
     key = f"agent.optimizers.{name}.lr_decay"
     if decay is None or decay.get("final_lr") is None:
         return []
     final_lr, start, end = decay.get("final_lr"), decay.get("start"), decay.get("end")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    if not (number(final_lr) and final_lr > 0):
+    if not (_is_number(final_lr) and final_lr > 0):
         return [f"{key}.final_lr={final_lr} must be a number > 0, or null for a constant lr"]
-    if isinstance(lr, (int, float)) and final_lr > lr:
+    if _is_number(lr) and final_lr > lr:
         # A decay never raises the rate (a smaller lr given alone would otherwise climb to final_lr).
         return [f"{key}.final_lr={final_lr} is above agent.optimizers.{name}.lr={lr}; set {key}.final_lr to at most "
                 f"{lr}, or to null for a constant lr"]
-    if not (integer(start) and integer(end) and 0 <= start < end):
+    if not (_is_integer(start) and _is_integer(end) and 0 <= start < end):
         return [f"{key}: start={start} and end={end} must be update counts with 0 <= start < end "
                 f"(e.g. {key}.start=25000 {key}.end=35000)"]
     return []
@@ -295,4 +302,3 @@ def validate(cfg) -> None:
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     resolve_device(cfg.setup.device)
-

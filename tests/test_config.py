@@ -78,7 +78,7 @@ def test_defaults_follow_mtrl():
     # A routed trunk has no layer norm: the critic's default follows it.
     assert make_cfg("agent.multitask.actor_cfg.moe_cfg.should_use=True").agent.critic.layer_norm is False
     assert all(cfg.agent.optimizers[n].max_grad_norm is None for n in ("actor", "critic", "alpha"))
-    assert cfg.agent.optimizers.alpha.lr_decay.final_lr is None  # the temperature keeps its rate
+    assert all(cfg.agent.optimizers[n].lr_decay.final_lr is None for n in ("actor", "critic", "alpha"))
 
 
 @pytest.mark.parametrize("overrides, needle", [

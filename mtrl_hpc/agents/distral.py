@@ -21,7 +21,7 @@ import math
 import torch
 
 from mtrl_hpc import losses
-from mtrl_hpc.agents.sac import SACAgent, make_optimizer
+from mtrl_hpc.agents.sac import SACAgent, optimizer_step
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.mlp import init_weights
 from mtrl_hpc.nets.routing import TaskRouting
@@ -63,11 +63,9 @@ class DistralAgent(SACAgent):
             init_weights(self.distilled, cfg.builder.weight_init)
         self.distilled.to(device)
         params = list(self.distilled.parameters())
-        self._steps["distilled"] = (make_optimizer(params, cfg.optimizers.actor), params, self._steps["actor"][2])
+        # The distilled policy steps as the actor does: the actor's optimizer config, clip and schedule.
+        self._steps["distilled"] = optimizer_step(params, cfg.optimizers.actor)
         del self._steps["alpha"]  # nothing trains the temperature
-        self._lr_schedules.pop("alpha", None)
-        if "actor" in self._lr_schedules:
-            self._lr_schedules["distilled"] = self._lr_schedules["actor"]
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:

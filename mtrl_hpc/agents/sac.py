@@ -7,13 +7,14 @@ caller reads only when it logs.
 """
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mtrl_hpc import losses
 from mtrl_hpc.agents.gradient_methods import make_gradient_method
-from mtrl_hpc.agents.lr_schedule import make_lr_schedule
+from mtrl_hpc.agents.lr_schedule import LinearDecay, make_lr_schedule
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
@@ -28,6 +29,20 @@ OPTIMIZERS = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.AdamW": torch.o
 
 # Keys of an optimizer's config node that are not arguments of the torch optimizer.
 STEP_KEYS = ("_target_", "max_grad_norm", "lr_decay")
+
+
+class OptimizerStep(NamedTuple):
+    """One optimizer of the update and how it steps: its parameters, the gradient-norm clip before the step
+    (None: off) and its learning-rate schedule (None: constant)."""
+    optimizer: torch.optim.Optimizer
+    params: list
+    max_grad_norm: float | None
+    lr_schedule: LinearDecay | None
+
+
+def optimizer_step(params, optimizer_cfg) -> OptimizerStep:
+    return OptimizerStep(make_optimizer(params, optimizer_cfg), params, _max_grad_norm(optimizer_cfg),
+                         make_lr_schedule(optimizer_cfg))
 
 
 def make_optimizer(params, optimizer_cfg) -> torch.optim.Optimizer:
@@ -111,15 +126,9 @@ class SACAgent(nn.Module):
         actor_params = list(self.actor.parameters())
         if "actor" in self.task_encoder_losses:
             actor_params += list(self.task_encoder.parameters())
-        self.actor_optimizer = make_optimizer(actor_params, opt.actor)
-        self.critic_optimizer = make_optimizer(critic_params, opt.critic)
-        self.alpha_optimizer = make_optimizer([self.log_alpha], opt.alpha)
-        # Per optimizer: the optimizer, its parameters and the gradient-norm clip before its step (None: off).
-        self._steps = {name: (optimizer, params, _max_grad_norm(opt[name])) for name, optimizer, params in (
-            ("actor", self.actor_optimizer, actor_params), ("critic", self.critic_optimizer, critic_params),
-            ("alpha", self.alpha_optimizer, [self.log_alpha]))}
-        # Per optimizer with a decaying rate: its schedule (a function of the update count).
-        self._lr_schedules = {name: s for name in self._steps if (s := make_lr_schedule(opt[name])) is not None}
+        # Per optimizer: how it steps (parameters, clip, learning-rate schedule); step_optimizer runs it.
+        self._steps = {name: optimizer_step(params, opt[name]) for name, params in (
+            ("actor", actor_params), ("critic", critic_params), ("alpha", [self.log_alpha]))}
         self._critic_params = list(self.critic.parameters())
         # (target, source) parameter lists for the soft target updates.
         self._critic_pairs = (list(self.critic_target.parameters()), self._critic_params)
@@ -215,16 +224,17 @@ class SACAgent(nn.Module):
 
     def set_learning_rates(self, step: int) -> None:
         """Each decaying optimizer's rate for update `step` (a Python float: no device work)."""
-        for name, schedule in self._lr_schedules.items():
-            lr = schedule(step)
-            for group in self._steps[name][0].param_groups:
-                group["lr"] = lr
+        for optimizer, _, _, schedule in self._steps.values():
+            if schedule is not None:
+                lr = schedule(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
     def step_optimizer(self, name: str, task_losses: torch.Tensor) -> None:
         """zero_grad -> backward -> clip -> step of one optimizer ("actor", "critic" or "alpha"): the one place
         where an update turns a loss into a parameter change. task_losses: the per-task losses [T]; MT-SAC
         descends their mean, a gradient method (PCGrad, CAGrad, GradNorm) makes the gradients from the vector."""
-        optimizer, params, max_norm = self._steps[name]
+        optimizer, params, max_norm, _ = self._steps[name]
         optimizer.zero_grad(set_to_none=True)
         if self.gradient_method is None:
             task_losses.mean().backward()
@@ -274,7 +284,7 @@ class SACAgent(nn.Module):
 
     # ---- state (checkpoints) ----
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {name: optimizer for name, (optimizer, _, _) in self._steps.items()}
+        return {name: step.optimizer for name, step in self._steps.items()}
 
     def training_state(self) -> dict:
         """Networks, targets, log_alpha, task encoder and optimizer states, as a tree of tensors and plain data."""
