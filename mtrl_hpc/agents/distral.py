@@ -21,7 +21,7 @@ import math
 import torch
 
 from mtrl_hpc import losses
-from mtrl_hpc.agents.sac import SACAgent, optimizer_step
+from mtrl_hpc.agents.sac import SACAgent, make_optimizer_step
 from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.mlp import init_weights
 from mtrl_hpc.nets.routing import TaskRouting
@@ -64,7 +64,7 @@ class DistralAgent(SACAgent):
         self.distilled.to(device)
         params = list(self.distilled.parameters())
         # The distilled policy steps as the actor does: the actor's optimizer config, clip and schedule.
-        self._steps["distilled"] = optimizer_step(params, cfg.optimizers.actor)
+        self._steps["distilled"] = make_optimizer_step(params, cfg.optimizers.actor)
         del self._steps["alpha"]  # nothing trains the temperature
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ class OptimizerStep(NamedTuple):
     lr_schedule: LinearDecay | None
 
 
-def optimizer_step(params, optimizer_cfg) -> OptimizerStep:
+def make_optimizer_step(params, optimizer_cfg) -> OptimizerStep:
     return OptimizerStep(make_optimizer(params, optimizer_cfg), params, _max_grad_norm(optimizer_cfg),
                          make_lr_schedule(optimizer_cfg))
 
@@ -127,7 +127,7 @@ class SACAgent(nn.Module):
         if "actor" in self.task_encoder_losses:
             actor_params += list(self.task_encoder.parameters())
         # Per optimizer: how it steps (parameters, clip, learning-rate schedule); step_optimizer runs it.
-        self._steps = {name: optimizer_step(params, opt[name]) for name, params in (
+        self._steps = {name: make_optimizer_step(params, opt[name]) for name, params in (
             ("actor", actor_params), ("critic", critic_params), ("alpha", [self.log_alpha]))}
         self._critic_params = list(self.critic.parameters())
         # (target, source) parameter lists for the soft target updates.
