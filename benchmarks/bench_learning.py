@@ -25,10 +25,11 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The defaults, with networks and batch cut from the MT10 protocol's 3x400 / 1280 to what a CPU runs in minutes.
+# Evaluation is MetaWorld's protocol: one episode on each of the task's 50 goals.
+EVAL_EPISODES = 50
 SETTINGS = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1", "agent.actor.hidden_dim=256",
-            "replay_buffer.batch_size=256", "experiment.init_steps=5000", "experiment.eval_freq=5000",
-            "experiment.num_eval_episodes=10", "experiment.save.freq=10000", "setup.num_threads=1", "setup.device=cpu",
-            "logger.progress_bar=false"]
+            "replay_buffer.batch_size=256", "experiment.eval_freq=5000", f"experiment.num_eval_episodes={EVAL_EPISODES}",
+            "experiment.save.freq=10000", "setup.num_threads=1", "setup.device=cpu", "logger.progress_bar=false"]
 LEARN_BY, LEARN_SUCCESS, KEEP_SUCCESS, SEEDS_NEEDED = 30000, 0.9, 0.8, 4
 
 
@@ -69,12 +70,12 @@ def main() -> int:
     runs = {s: read_run(runs_dir / f"s{s}") for s in args.seeds if (runs_dir / f"s{s}" / "metrics.h5").exists()}
 
     steps = sorted({int(x) for r in runs.values() for x in r["eval_step"] if x > 0})
-    print("\neval success by step (10 episodes per evaluation)")
+    print(f"\neval success by step ({EVAL_EPISODES} episodes per evaluation)")
     print("seed | " + " | ".join(f"{s // 1000}k" for s in steps) + " | final critic loss | train time")
     learned, kept = [], []
     for seed, r in runs.items():
         by_step = dict(zip((int(x) for x in r["eval_step"]), r["success"]))
-        row = " | ".join(f"{by_step[s]:.1f}" if s in by_step else "-" for s in steps)
+        row = " | ".join(f"{by_step[s]:.2f}" if s in by_step else "-" for s in steps)
         print(f"{seed} | {row} | {r['critic_loss']:.3g} | {r['train_s'] / 60:.0f} min")
         if any(v >= LEARN_SUCCESS for s, v in by_step.items() if 0 < s <= LEARN_BY):
             learned.append(seed)
