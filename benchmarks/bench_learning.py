@@ -67,7 +67,15 @@ def main() -> int:
     with ThreadPoolExecutor(args.workers) as pool:
         results = dict(zip(args.seeds, pool.map(lambda s: run_seed(s, args.steps, runs_dir, args.overrides), args.seeds)))
     failed = {s: st for s, (st, _) in results.items() if st != 0}
-    runs = {s: read_run(runs_dir / f"s{s}") for s in args.seeds if (runs_dir / f"s{s}" / "metrics.h5").exists()}
+    runs, unreadable = {}, []
+    for s in args.seeds:
+        if (runs_dir / f"s{s}" / "metrics.h5").exists():
+            try:
+                runs[s] = read_run(runs_dir / f"s{s}")
+            except OSError as e:  # HDF5 refuses a file another process has open for writing
+                unreadable.append(s)
+                print(f"seed {s}: cannot read {runs_dir / f's{s}' / 'metrics.h5'} ({e}); if another run is still "
+                      "writing it, rerun this command when it has finished")
 
     steps = sorted({int(x) for r in runs.values() for x in r["eval_step"] if x > 0})
     print(f"\neval success by step ({EVAL_EPISODES} episodes per evaluation)")
@@ -85,7 +93,7 @@ def main() -> int:
     print(f"kept (>= {KEEP_SUCCESS} at {args.steps // 1000}k, of those): {len(kept)} of {len(learned)} {kept}")
     for seed, status in failed.items():
         print(f"seed {seed}: the run exited with status {status} (see {runs_dir / f's{seed}' / 'bench.log'})")
-    ok = not failed and len(learned) >= SEEDS_NEEDED and len(kept) == len(learned)
+    ok = not failed and not unreadable and len(learned) >= SEEDS_NEEDED and len(kept) == len(learned)
     print("targets:", "met" if ok else "missed")
     return 0 if ok else 1
 
