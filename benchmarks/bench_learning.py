@@ -28,8 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Evaluation is MetaWorld's protocol: one episode on each of the task's 50 goals.
 EVAL_EPISODES = 50
 SETTINGS = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1", "agent.actor.hidden_dim=256",
-            "replay_buffer.batch_size=256", "experiment.eval_freq=5000", f"experiment.num_eval_episodes={EVAL_EPISODES}",
-            "experiment.save.freq=10000", "setup.num_threads=1", "setup.device=cpu", "logger.progress_bar=false"]
+            "replay_buffer.batch_size=256", "experiment.eval_freq=5000",
+            f"experiment.num_eval_episodes={EVAL_EPISODES}", "experiment.save.freq=10000", "setup.num_threads=1",
+            "setup.device=cpu", "logger.progress_bar=false"]
 LEARN_BY, LEARN_SUCCESS, KEEP_SUCCESS, SEEDS_NEEDED = 30000, 0.9, 0.8, 4
 
 
