@@ -2,11 +2,13 @@
 
 References: per-task gradients from a plain loop of torch.autograd.grad (one task at a time); PCGrad's projections
 in parameter space, task by task, in the order the method drew; CAGrad's primal problem (max_d min_i g_i . d with
-|d - g0| <= c |g0|) and its dual solved by scipy; GradNorm's steps computed by hand from the paper's formulas.
+|d - g0| <= c |g0|) solved exactly by enumerating active sets, and its dual solved by scipy; GradNorm's steps
+computed by hand from the paper's formulas.
 Resume: a trained agent's state loaded into another agent continues identically, and a run resumed from a
 checkpoint through mtrl_hpc.main ends as the run that never stopped.
 """
 
+import itertools
 import pathlib
 import shutil
 
@@ -95,17 +97,35 @@ def test_pcgrad_many_conflicts_equal_the_paper_in_the_drawn_order(seed):
 
 
 def cagrad_primal(grads, c):
-    """argmax_d min_i g_i . d subject to |d - g0|^2 <= c^2 |g0|^2 (the CAGrad paper's problem), by SLSQP."""
+    """argmax_d min_i g_i . d subject to |d - g0| <= c |g0| (the CAGrad paper's problem), solved exactly.
+
+    At the optimum t = min_i g_i . d, d = g0 + r u with |u| = 1 (r = c |g0|), and u is the least-norm solution of
+    g_i . u = (t - g_i . g0) / r over the tasks i that attain the minimum. So every set of tasks S and both t where
+    that u(t) = t p - q meets the unit sphere is a candidate; the best feasible candidate is the optimum. (An
+    iterative solver's stopping rule is not part of this reference: SLSQP fails to converge on some of these.)
+    """
     g = grads.numpy()
     g0 = g.mean(0)
-    phi = c ** 2 * g0 @ g0
-    x0 = np.concatenate([g0, [(g @ g0).min()]])
-    cons = [{"type": "ineq", "fun": lambda x: g @ x[:-1] - x[-1]},
-            {"type": "ineq", "fun": lambda x: phi - (x[:-1] - g0) @ (x[:-1] - g0)}]
-    res = scipy.optimize.minimize(lambda x: -x[-1], x0, constraints=cons, method="SLSQP",
-                                  options={"ftol": 1e-14, "maxiter": 1000})
-    assert res.success, res.message
-    return torch.from_numpy(res.x[:-1])
+    r = c * np.linalg.norm(g0)
+    a = g @ g0
+    best_t, best_d = -np.inf, None
+    for k in range(1, len(g) + 1):
+        for S in map(list, itertools.combinations(range(len(g)), k)):
+            P = np.linalg.pinv(g[S])
+            p, q = P.sum(1) / r, P @ a[S] / r
+            A, B, C = p @ p, -2 * p @ q, q @ q - 1  # |t p - q|^2 = 1
+            disc = B * B - 4 * A * C
+            if A < 1e-300 or disc < 0:
+                continue
+            for t in ((-B + np.sqrt(disc)) / (2 * A), (-B - np.sqrt(disc)) / (2 * A)):
+                d = g0 + r * (t * p - q)
+                tol = 1e-9 * np.abs(g).max() * np.linalg.norm(d)
+                # S really attains t (not only pinv's least-squares fit of it)
+                attains = np.allclose(g[S] @ d, t, rtol=0, atol=tol)
+                if attains and (g @ d >= t - tol).all() and t > best_t:
+                    best_t, best_d = t, d
+    assert best_d is not None
+    return torch.from_numpy(best_d)
 
 
 def cagrad_dual_objective(gram, w, c):
