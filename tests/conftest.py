@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Tests run beside other processes (SLURM daemons, subprocess runs); one torch thread per process avoids
@@ -16,3 +17,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 from slurm_fixtures import make_slurm_cluster_fixture  # noqa: E402
 
 slurm_cluster = make_slurm_cluster_fixture()
+
+
+# tryfirst: xdist reads the marks in its own hook of this name (it appends "@group" to each test id).
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep tests that share expensive state on one pytest-xdist worker (`--dist loadgroup`).
+
+    The SLURM tests share one session-scoped cluster (started once, stopped by the worker that started it);
+    a module with a module-scoped fixture (a trained run, built environments) would build it once per worker
+    it is spread over. Without xdist the marks do nothing.
+    """
+    for item in items:
+        if "slurm_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif any(
+            fixture_defs[-1].scope == "module"
+            for name in item.fixturenames
+            if (fixture_defs := item._fixtureinfo.name2fixturedefs.get(name))
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
