@@ -9,6 +9,8 @@ Tests that request `slurm_cluster` get a `SlurmCluster` and can submit with subm
 exports SLURM_CONF for the whole session. The cluster is skipped (pytest.skip) where it cannot run here: not
 Linux, not root, or SLURM missing without apt-get to install it; with the CI environment variable set, those
 cases fail instead. A cluster that was already running before the session is reused and left running.
+Under pytest-xdist each worker is a session of its own: tests/conftest.py keeps every test that uses the
+fixture on one worker, so one cluster starts.
 """
 
 from __future__ import annotations
