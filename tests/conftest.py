@@ -29,11 +29,8 @@ def pytest_collection_modifyitems(config, items):
     it is spread over. Without xdist the marks do nothing.
     """
     for item in items:
+        defs = item._fixtureinfo.name2fixturedefs  # fixture name -> its definitions, the one in effect last
         if "slurm_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif any(
-            fixture_defs[-1].scope == "module"
-            for name in item.fixturenames
-            if (fixture_defs := item._fixtureinfo.name2fixturedefs.get(name))
-        ):
+        elif any(defs[name][-1].scope == "module" for name in item.fixturenames if name in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
