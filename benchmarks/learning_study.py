@@ -32,7 +32,7 @@ MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_
             "agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=orthogonal", "agent.builder.init_temperature=1.0",
             "agent.optimizers.actor.max_grad_norm=null", "agent.optimizers.critic.max_grad_norm=null",
             "agent.optimizers.alpha.max_grad_norm=null", "env.builder.make_kwargs.should_perform_reward_normalization=false",
-            "agent.critic.layer_norm=false"]
+            "agent.critic.layer_norm=false", "agent.builder.normalize_obs=false", "agent.builder.n_step=1"]
 
 # id -> (label, "mtrl_hpc" or "plain", arguments). mtrl_hpc's temperature loss is the log_alpha form.
 VARIANTS = {
@@ -126,6 +126,9 @@ def q_ratio(run_dir: pathlib.Path) -> tuple[int, float] | None:
     for part in ("actor", "critic"):  # runs of this study written before the layer-norm option existed
         if "layer_norm" not in cfg.agent[part]:
             cfg.agent[part].layer_norm = False
+    # ... and before observation normalisation and n-step returns existed
+    cfg.agent.builder.normalize_obs = cfg.agent.builder.get("normalize_obs", False)
+    cfg.agent.builder.n_step = cfg.agent.builder.get("n_step", 1)
     replay = ReplayBuffer(1, int(cfg.replay_buffer.capacity), (39,), (4,), seed=int(cfg.setup.seed))
     state, _ = checkpoint.load(path, replay=replay)
     agent = make_agent(cfg.agent, 39, 4, 1, "cpu")

@@ -93,6 +93,16 @@ def check_config(cfg) -> list[str]:
     need(agent.builder.init_temperature > 0, f"agent.builder.init_temperature={agent.builder.init_temperature} must be > 0")
     need(agent.builder.actor_update_freq >= 1 and agent.builder.critic_target_update_freq >= 1,
          "agent.builder.actor_update_freq and critic_target_update_freq must be >= 1")
+    n_step = agent.builder.n_step
+    need(1 <= n_step <= env.max_episode_steps,
+         f"agent.builder.n_step={n_step} must be an integer in [1, env.max_episode_steps={env.max_episode_steps}] "
+         "(1: one-step targets)")
+    if n_step > 1:
+        need(exp.init_steps >= n_step,
+             f"experiment.init_steps={exp.init_steps} is below agent.builder.n_step={n_step}: the first update would find "
+             f"no {n_step}-step row in replay; set experiment.init_steps >= {n_step}")
+        need(agent.name != "distral", "agent=distral adds log pi0 to every step's reward, which n-step rows leave out "
+             "after their first step; use agent.builder.n_step=1 with distral")
     if mt.should_use_task_encoder:
         bad = [l for l in mt.task_encoder_cfg.losses_to_train if l not in TASK_ENCODER_LOSSES]
         need(not bad, f"agent.multitask.task_encoder_cfg.losses_to_train has {bad}; choose from {', '.join(TASK_ENCODER_LOSSES)}")

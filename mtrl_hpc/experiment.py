@@ -1,4 +1,7 @@
-"""The training loop of one run: act -> step envs -> replay.add -> agent.update -> eval -> checkpoint.
+"""The training loop of one run: observe -> act -> step envs -> replay.add -> agent.update -> eval -> checkpoint.
+
+`agent.observe` adds each step's observations to the agent's observation statistics (agent.builder.normalize_obs);
+with agent.builder.n_step > 1 the steps pass through an n-step window (mtrl_hpc/n_step.py) on their way to replay.
 
 Steps count steps of the batched env: one step moves every task once (mtrl's convention), so a run of
 `num_train_steps` collects num_train_steps * num_tasks transitions. Episodes of all tasks share one clock
@@ -26,6 +29,7 @@ from mtrl_hpc.config_checks import OBS_DTYPES, resolve_device
 from mtrl_hpc.envs import make_env
 from mtrl_hpc.console import Console, ProgressLine, banner, clock, task_lines
 from mtrl_hpc.metrics import MetricsLog, ProgressBar
+from mtrl_hpc.n_step import NStepWindow
 from mtrl_hpc.preemption import StopRequest
 from mtrl_hpc.replay import ReplayBuffer
 from mtrl_hpc.reward_normalization import RewardNormalizer
@@ -37,7 +41,7 @@ RESUME_KEYS = (
     "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version",
     "env.builder.make_kwargs.should_perform_reward_normalization", "agent.name",
     "agent.actor", "agent.critic", "agent.encoder", "agent.encoder_feature_dim", "agent.multitask", "replay_buffer.capacity",
-    "replay_buffer.obs_dtype", "setup.seed",
+    "replay_buffer.obs_dtype", "setup.seed", "agent.builder.n_step", "agent.builder.normalize_obs",
 )
 
 
@@ -75,6 +79,8 @@ class Experiment:
                                    obs_dtype=OBS_DTYPES[cfg.replay_buffer.obs_dtype])
         normalize = cfg.env.builder.make_kwargs.should_perform_reward_normalization
         self.reward_normalizer = RewardNormalizer(self.num_tasks) if normalize else None
+        n_step = int(cfg.agent.builder.n_step)
+        self.n_step = NStepWindow(n_step, cfg.agent.builder.discount) if n_step > 1 else None
         self.guard = DivergenceGuard(self.agent, cfg.experiment.critic_loss_ceiling, run_dir)
         self.step = 0
         self.episode = 0
@@ -197,6 +203,8 @@ class Experiment:
                 boundary_done = False
                 if step % L == 0:
                     obs = self.env.reset()
+                    if self.n_step:
+                        self.n_step.clear()
                     self.episode += 1
                     episode_reward[:] = 0
                     episode_success[:] = 0
@@ -204,14 +212,18 @@ class Experiment:
                 elif step % cfg.eval_freq == 0:
                     self.evaluate()
 
+                obs_t = torch.as_tensor(obs, device=self.device)
+                self.agent.observe(obs_t, self.task_ids)
                 if step < cfg.init_steps:
                     action = self.rng.uniform(-1.0, 1.0, size=(self.num_tasks, self.env.action_dim)).astype(np.float32)
                 else:
-                    obs_t = torch.as_tensor(obs, device=self.device)
                     action = self.agent.act(obs_t, self.task_ids, sample=True).cpu().numpy()
                 result = self.env.step(action)
                 reward = self.reward_normalizer(result.reward) if self.reward_normalizer else result.reward
-                self.replay.add(obs, action, reward, result.obs, result.terminated, self.task_ids_host)
+                if self.n_step is None:
+                    self.replay.add(obs, action, reward, result.obs, result.terminated, self.task_ids_host)
+                elif (row := self.n_step.push(obs, action, reward, result.obs, result.terminated)) is not None:
+                    self.replay.add(*row, self.task_ids_host)
                 episode_reward += result.reward
                 np.maximum(episode_success, result.success, out=episode_success)
                 obs = result.obs

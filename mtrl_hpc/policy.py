@@ -109,6 +109,10 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
         if fill_missing_keys:
             from mtrl_hpc.config_schema import reference_config
 
+            # A run from before observation normalisation existed fed its networks raw observations.
+            if "builder" in cfg.agent and "normalize_obs" not in cfg.agent.builder:
+                cfg.agent.builder.normalize_obs = False
+
             reference = reference_config([f"env={cfg.env.name}"])
             OmegaConf.set_struct(reference, False)
             cfg = OmegaConf.merge(reference, cfg)

@@ -29,8 +29,11 @@ def plain_mlp(layers, x):
 
 def agent_cfg(*overrides, num_tasks=T):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        # The references here see the batch as given and bootstrap one step: raw observations, one-step targets
+        # (test_sac_update and test_obs_normalizer test normalize_obs and n_step against their own references).
         cfg = compose("config", overrides=["agent.actor.hidden_dim=16", "agent.actor.num_layers=2",
-                                           f"agent.multitask.num_envs={num_tasks}", *overrides])
+                                           f"agent.multitask.num_envs={num_tasks}", "agent.builder.normalize_obs=false",
+                                           "agent.builder.n_step=1", *overrides])
     return cfg.agent
 
 

@@ -50,6 +50,8 @@ def test_values_of_the_right_type_pass(overrides):
     (["agent.optimizers.actor.lr=fast"], "agent.optimizers.actor.lr='fast' has type a string; expected a number"),
     (["experiment.should_resume=1"], "experiment.should_resume=1 has type an integer; expected a boolean (true/false)"),
     (["agent.actor=3"], "agent.actor=3 has type an integer; expected a mapping"),
+    (["agent.builder.n_step=2.5"], "agent.builder.n_step=2.5 has type a number; expected an integer"),
+    (["agent.builder.normalize_obs=maybe"], "agent.builder.normalize_obs='maybe' has type a string; expected a boolean"),
     (["agent.actor.log_std_bounds=5"], "agent.actor.log_std_bounds=5 has type an integer; expected a list"),
     (["logger.progress_bar=3"], "logger.progress_bar=3 has type an integer; expected a string or a boolean (true/false)"),
     (["+setup.num_thread=1"], "setup.num_thread: unknown key (nothing reads it); did you mean setup.num_threads?"),

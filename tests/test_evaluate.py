@@ -227,3 +227,26 @@ def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
     obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
     expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
+
+
+def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_observations(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mtrl_hpc import checkpoint
+
+    (tmp_path / "run").mkdir()
+    cfg = make_cfg(tmp_path / "run", "experiment.save.freq=0", "agent.builder.normalize_obs=false")
+    experiment = Experiment(cfg, tmp_path / "run")
+    try:
+        assert experiment.run() == "finished"
+    finally:
+        experiment.close()
+    state, config_yaml = checkpoint.load(tmp_path / "run" / "checkpoints" / "step_000000000060.h5")
+    older = OmegaConf.create(config_yaml)
+    del older.agent.builder["normalize_obs"], older.agent.builder["n_step"]  # keys an older run did not write
+    checkpoint.save(tmp_path / "older", 60, state, config_yaml=OmegaConf.to_yaml(older))
+    policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
+    assert policy.agent.obs_normalizer is None and policy.config.agent.builder.normalize_obs is False
+    obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
+    expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
+    np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)

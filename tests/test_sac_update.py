@@ -33,7 +33,8 @@ def agent_cfg(*overrides):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"agent.actor.hidden_dim={H}", "agent.actor.num_layers=2",
                                            f"agent.multitask.num_envs={T}", "agent.multitask.multi_head_policy_cfg.num_layers=1",
-                                           *overrides])
+                                           # raw observations and one-step targets unless a variant sets them
+                                           "agent.builder.normalize_obs=false", "agent.builder.n_step=1", *overrides])
     return cfg.agent
 
 
@@ -119,7 +120,9 @@ class ReferenceSAC:
         self.critic_target = copy_layers(agent.critic_target.model)
         self.log_alpha = agent.log_alpha.detach().clone().requires_grad_()
         self.uses_task = mt.actor_cfg.should_condition_encoder_on_task_info and mt.actor_cfg.should_concatenate_task_info_with_encoder
-        self.gamma, self.tau, self.target_entropy = b.discount, b.critic_tau, -float(ACT)
+        # n-step rows carry n discounted rewards: the target bootstraps discount^n.
+        self.gamma, self.tau, self.target_entropy = b.discount ** b.n_step, b.critic_tau, -float(ACT)
+        self.obs_stats = None  # (mean, var) [T, OBS] when observations are normalised
         self.actor_freq, self.target_freq = b.actor_update_freq, b.critic_target_update_freq
         self.lo, self.hi = cfg.actor.log_std_bounds
         opt = cfg.optimizers
@@ -129,6 +132,9 @@ class ReferenceSAC:
         self.opt_cfg = opt
 
     def inputs(self, obs, task_ids):
+        if self.obs_stats is not None:
+            mean, var = self.obs_stats
+            obs = ((obs - mean[task_ids]) / torch.sqrt(var[task_ids] + 1e-8)).clamp(-10, 10)
         return torch.cat([obs, torch.eye(T, dtype=obs.dtype)[task_ids]], -1) if self.uses_task else obs
 
     def sample(self, x, task_ids):
@@ -226,7 +232,19 @@ VARIANTS = {
                                   "agent.optimizers.critic.lr_decay.end=11", "agent.optimizers.alpha.lr_decay.final_lr=3e-5",
                                   "agent.optimizers.alpha.lr_decay.start=4", "agent.optimizers.alpha.lr_decay.end=6",
                                   "agent.builder.actor_update_freq=2"], UNEQUAL),
+    "n_step_3": (["agent.builder.n_step=3", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
+    "normalize_obs": (["agent.builder.normalize_obs=True", "agent.multitask.should_use_multi_head_policy=True",
+                       *NO_TASK_INFO], EQUAL),
 }
+
+
+def observed_stats(observations):
+    """SB3's running statistics in closed form: the data [steps, T, OBS] pooled with a prior of count 1e-4,
+    mean 0 and variance 1."""
+    c0, n = 1e-4, observations.shape[0]
+    mean = observations.sum(0) / (n + c0)
+    m2 = c0 * (1 + mean ** 2) + ((observations - mean) ** 2).sum(0)
+    return mean, m2 / (n + c0)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -237,6 +255,13 @@ def test_updates_equal_an_independent_eager_sac(variant):
     agent = SACAgent(cfg, OBS, ACT, T, "cpu").double()
     ref = ReferenceSAC(agent, cfg)
     gen = torch.Generator().manual_seed(1)
+    if cfg.builder.normalize_obs:
+        # Offsets and scales far from 0 and 1, different per task and per dimension.
+        scale, offset = torch.rand(T, OBS, generator=gen, dtype=torch.float64) * 5, torch.randn(T, OBS, generator=gen, dtype=torch.float64) * 3
+        observations = offset + scale * torch.randn(40, T, OBS, generator=gen, dtype=torch.float64)
+        for obs in observations:
+            agent.observe(obs, torch.arange(T))
+        ref.obs_stats = observed_stats(observations)
     for step in range(UPDATES):
         batch = make_batch(gen, task_ids)
         torch.manual_seed(100 + step)

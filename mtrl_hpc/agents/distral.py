@@ -71,12 +71,14 @@ class DistralAgent(SACAgent):
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
         """Sampling (acting in the envs): the task policies. Deterministic (evaluation): pi0's mean action, or
         the task policies' with distral_evaluate_task_policies."""
+        obs = self._normalized(obs, task_ids)
         routing = TaskRouting.one_row_per_task(task_ids, self.num_tasks)
         task = self._task_info(task_ids, routing, None)
         actor = self.actor if sample or self.evaluate_task_policies else self.distilled
         return actor.act(self._inputs(self.encoder(obs, task), task, self.actor_uses_task), sample, task)
 
     def update(self, batch, step: int) -> dict[str, torch.Tensor]:
+        batch = self._normalized_batch(batch)
         T, ids = self.num_tasks, batch.task_ids
         self.set_learning_rates(step)
         routing = TaskRouting.from_batch(batch, T)

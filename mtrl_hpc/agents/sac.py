@@ -19,6 +19,7 @@ from mtrl_hpc.nets.actor import Actor
 from mtrl_hpc.nets.critic import TwinCritic
 from mtrl_hpc.nets.encoder import make_encoder
 from mtrl_hpc.nets.mlp import init_weights
+from mtrl_hpc.nets.obs_normalizer import ObsNormalizer
 from mtrl_hpc.nets.routing import TaskRouting
 from mtrl_hpc.nets.task_info import OneHotTask, TaskEncoder, TaskInfo
 from mtrl_hpc.nets.trunk import RoutedTrunk
@@ -74,7 +75,8 @@ class SACAgent(nn.Module):
         b = cfg.builder
         self.num_tasks = num_tasks
         self.action_dim = action_dim
-        self.discount = float(b.discount)
+        # The critic's bootstrap discount: with n-step returns (mtrl_hpc/n_step.py) it bootstraps n steps ahead.
+        self.discount = float(b.discount) ** int(b.n_step)
         self.critic_tau = float(b.critic_tau)
         self.encoder_tau = float(b.encoder_tau)
         self.actor_update_freq = int(b.actor_update_freq)
@@ -113,6 +115,7 @@ class SACAgent(nn.Module):
                 init_weights(net, b.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.encoder_target = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.obs_normalizer = ObsNormalizer(num_tasks, obs_dim) if b.normalize_obs else None
         self.register_buffer("_all_task_ids", torch.arange(num_tasks), persistent=False)
         self.use_task_weights = bool(mt.should_use_soft_modules_task_weights)
         num_alphas = num_tasks if mt.should_use_disentangled_alpha else 1
@@ -155,10 +158,25 @@ class SACAgent(nn.Module):
         """A trunk's input: the encoder's features, with the task encoding appended where configured."""
         return torch.cat([features, task.encoding], dim=-1) if uses_task else features
 
+    def observe(self, obs: torch.Tensor, task_ids: torch.Tensor) -> None:
+        """Adds one collected observation per task to the observation statistics (a no-op without them)."""
+        if self.obs_normalizer is not None:
+            self.obs_normalizer.update(obs, task_ids)
+
+    def _normalized(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        return obs if self.obs_normalizer is None else self.obs_normalizer(obs, task_ids)
+
+    def _normalized_batch(self, batch):
+        if self.obs_normalizer is None:
+            return batch
+        return batch._replace(obs=self.obs_normalizer(batch.obs, batch.task_ids),
+                              next_obs=self.obs_normalizer(batch.next_obs, batch.task_ids))
+
     # ---- acting ----
     @torch.no_grad()
     def act(self, obs: torch.Tensor, task_ids: torch.Tensor, sample: bool) -> torch.Tensor:
         """Actions for one row per task ([tasks, obs_dim] -> [tasks, action_dim]), grouped by task."""
+        obs = self._normalized(obs, task_ids)
         routing = TaskRouting.one_row_per_task(task_ids, self.num_tasks) if self.needs_routing else None
         task = self._task_info(task_ids, routing, None)
         return self.actor.act(self._inputs(self.encoder(obs, task), task, self.actor_uses_task), sample, task)
@@ -175,6 +193,7 @@ class SACAgent(nn.Module):
         step % actor_update_freq == 0, the targets when step % critic_target_update_freq == 0 (SAC's
         frequencies count gradient updates, so they mean the same with several updates per env step)."""
         T = self.num_tasks
+        batch = self._normalized_batch(batch)
         task_ids = batch.task_ids
         self.set_learning_rates(step)
         # Per-task heads find each row's task by id (any batch layout); one routing serves every network.

@@ -1,0 +1,50 @@
+"""Observation normalisation by running statistics per task: SB3's VecNormalize(norm_obs=True), one set of
+statistics for each task.
+
+Why: MetaWorld's observations are positions in metres. On reach-v3 the hand and the goal vary by 3-8 cm (their
+standard deviations), so the centimetre that decides success (within 5 cm of the goal) is a difference of about
+0.01 in the networks' input. Divided by the running std it is a difference of 0.1-0.3.
+
+Statistics: the mean and variance of every observation the run collected for that task (training steps, the
+random initial steps included; evaluation episodes are not), merged one step at a time as SB3's RunningMeanStd
+does (the count starts at 1e-4, the mean at 0, the variance at 1). An observation becomes
+clip((obs - mean) / sqrt(var + 1e-8), -10, 10). Replay keeps raw observations and each sampled batch is
+normalised with the statistics of the moment, as SB3 does. The statistics are buffers of the agent: they are in
+every checkpoint, a resumed run continues them exactly, and a policy loaded for evaluation normalises as the run did.
+"""
+
+import torch
+from torch import nn
+
+CLIP = 10.0
+EPS = 1e-8
+INITIAL_COUNT = 1e-4
+
+
+class ObsNormalizer(nn.Module):
+    def __init__(self, num_tasks: int, obs_dim: int):
+        super().__init__()
+        # float64: a float32 mean drifts once the count reaches about 1e6 steps.
+        self.register_buffer("count", torch.full((num_tasks,), INITIAL_COUNT, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(num_tasks, obs_dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(num_tasks, obs_dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, obs: torch.Tensor, task_ids: torch.Tensor) -> None:
+        """Adds one observation per task: obs [rows, obs_dim] with distinct task_ids [rows]."""
+        x = obs.to(torch.float64)
+        count = self.count[task_ids]
+        mean, var = self.mean[task_ids], self.var[task_ids]
+        total = count + 1
+        delta = x - mean
+        self.mean[task_ids] = mean + delta / total[:, None]
+        self.var[task_ids] = (var * count[:, None] + delta.square() * (count / total)[:, None]) / total[:, None]
+        self.count[task_ids] = total
+
+    def forward(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """obs [rows, obs_dim] of tasks task_ids [rows] -> normalised [rows, obs_dim], in float32 (float64 for
+        float64 input; half-precision replay rows come back as float32)."""
+        dtype = torch.promote_types(obs.dtype, torch.float32)
+        mean = self.mean[task_ids].to(dtype)
+        std = (self.var[task_ids] + EPS).sqrt().to(dtype)
+        return ((obs.to(dtype) - mean) / std).clamp(-CLIP, CLIP)

@@ -1,0 +1,124 @@
+"""Observation normalisation (agent.builder.normalize_obs): the running statistics against their closed form,
+the normalised observations against numpy, and a run that resumes exactly and evaluates with its statistics."""
+
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import mtrl_hpc
+from mtrl_hpc import checkpoint
+from mtrl_hpc.nets.obs_normalizer import ObsNormalizer
+from test_resume import assert_same_run, final_state, finish, last_train_step, start, wait_for
+
+PRIOR_COUNT = 1e-4  # SB3's RunningMeanStd starts from count 1e-4, mean 0, variance 1
+
+
+def closed_form(x):
+    """Mean and variance of x [steps, dim] pooled with the prior, written out."""
+    n = x.shape[0]
+    mean = x.sum(0) / (n + PRIOR_COUNT)
+    m2 = PRIOR_COUNT * (1.0 + mean ** 2) + ((x - mean) ** 2).sum(0)
+    return mean, m2 / (n + PRIOR_COUNT)
+
+
+def test_statistics_per_task_equal_their_closed_form_and_survive_a_state_round_trip():
+    rng = np.random.default_rng(0)
+    T, D, steps = 3, 5, 300
+    # Tasks with their own offsets and scales; dimension 4 is constant in every task.
+    data = rng.normal(size=(steps, T, D)) * rng.uniform(0.01, 20, size=(T, D)) + rng.normal(scale=50, size=(T, D))
+    data[:, :, 4] = 7.5
+    norm = ObsNormalizer(T, D)
+    for x in data[:120]:
+        norm.update(torch.as_tensor(x, dtype=torch.float32), torch.arange(T))
+    resumed = ObsNormalizer(T, D)
+    resumed.load_state_dict(norm.state_dict())
+    for x in data[120:]:
+        for n in (norm, resumed):
+            n.update(torch.as_tensor(x, dtype=torch.float32), torch.arange(T))
+    for name in ("count", "mean", "var"):
+        torch.testing.assert_close(getattr(resumed, name), getattr(norm, name), rtol=0, atol=0)
+    observed = data.astype(np.float32).astype(np.float64)  # what the envs hand over: float32
+    for t in range(T):
+        mean, var = closed_form(observed[:, t])
+        np.testing.assert_allclose(norm.mean[t].numpy(), mean, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(norm.var[t].numpy(), var, rtol=1e-7, atol=1e-9)
+        assert norm.count[t].item() == pytest.approx(steps + PRIOR_COUNT, abs=1e-9)
+
+
+def test_rows_are_normalised_by_their_own_task_and_clipped():
+    rng = np.random.default_rng(1)
+    T, D = 2, 3
+    data = rng.normal(size=(50, T, D)) * [[1.0, 0.01, 3.0], [5.0, 0.2, 0.5]] + [[0.0, 1.0, -4.0], [2.0, 0.0, 9.0]]
+    norm = ObsNormalizer(T, D)
+    for x in data:
+        norm.update(torch.as_tensor(x), torch.arange(T))
+    rows = rng.normal(size=(6, D)) * 4
+    rows[0, 1] = 1e3  # far outside task 1's range: clipped at 10
+    ids = np.array([1, 0, 0, 1, 1, 0])
+    got = norm(torch.as_tensor(rows, dtype=torch.float32), torch.as_tensor(ids))
+    assert got.dtype == torch.float32
+    expected = np.empty_like(rows)
+    for i, t in enumerate(ids):
+        mean, var = closed_form(data[:, t])
+        expected[i] = np.clip((rows[i] - mean) / np.sqrt(var + 1e-8), -10, 10)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert got[0, 1].item() == 10.0
+    # float64 in, float64 out (the golden update test runs in float64)
+    assert norm(torch.as_tensor(rows), torch.as_tensor(ids)).dtype == torch.float64
+
+
+FLAG = "agent.builder.normalize_obs=true"
+# 400 rows per task and one-step rows: the replay keeps every observation of the 200 steps.
+CAPACITY = ["replay_buffer.capacity=4000", "agent.builder.n_step=1"]
+
+
+def test_run_resumes_exactly_and_its_policy_normalises_with_the_saved_statistics(tmp_path_factory):
+    whole = tmp_path_factory.mktemp("whole")
+    status, _, err = finish(start(whole, FLAG, *CAPACITY))
+    assert status == 0, err[-3000:]
+    cut = tmp_path_factory.mktemp("cut")
+    proc = start(cut, FLAG, *CAPACITY)
+    wait_for(lambda: last_train_step(cut) >= 50, proc)
+    proc.send_signal(signal.SIGUSR1)
+    status, _, err = finish(proc)
+    assert status == 3, err[-3000:]
+    status, _, err = finish(start(cut, FLAG, *CAPACITY))
+    assert status == 0, err[-3000:]
+    modules, replay, metrics = final_state(whole, capacity=4000)
+    assert_same_run(final_state(cut, capacity=4000), (modules, replay, metrics))
+
+    # The statistics are those of every observation the run collected: the replay's obs rows, per task.
+    obs = replay["obs"].numpy().astype(np.float64)  # [tasks, rows, 39]
+    assert (replay["added"].numpy() == 200).all()
+    for t in range(10):
+        mean, var = closed_form(obs[t, :200])
+        np.testing.assert_allclose(modules["obs_normalizer.mean"][t].numpy(), mean, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(modules["obs_normalizer.var"][t].numpy(), var, rtol=1e-6, atol=1e-9)
+
+    # A loaded policy normalises with them: its actions equal the actor's on observations normalised here.
+    policy = mtrl_hpc.load_policy(whole)
+    rows = obs[np.arange(10), 7].astype(np.float32)
+    mean, var = modules["obs_normalizer.mean"].numpy(), modules["obs_normalizer.var"].numpy()
+    normalised = np.clip((rows - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32)
+    policy.agent.obs_normalizer = None
+    expected = policy.act(normalised, np.arange(10))
+    policy.agent.obs_normalizer = mtrl_hpc.load_policy(whole).agent.obs_normalizer
+    np.testing.assert_allclose(policy.act(rows, np.arange(10)), expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(expected, policy.agent.act(torch.as_tensor(normalised), torch.arange(10), sample=False).numpy(),
+                           atol=1e-3)
+
+
+def test_resuming_a_run_without_the_setting_or_with_another_is_refused_by_name():
+    from mtrl_hpc.experiment import RESUME_KEYS
+
+    current = {"agent": {"builder": {"normalize_obs": True, "n_step": 3}}}
+    older = {"agent": {"builder": {}}}  # written before the keys existed
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.check_compatible(older, current, RESUME_KEYS)
+    assert "agent.builder.normalize_obs: checkpoint has <missing>, this run has True" in str(info.value)
+    assert "agent.builder.n_step: checkpoint has <missing>, this run has 3" in str(info.value)
+    other = {"agent": {"builder": {"normalize_obs": False, "n_step": 3}}}
+    with pytest.raises(checkpoint.CheckpointError, match="normalize_obs: checkpoint has False, this run has True"):
+        checkpoint.check_compatible(other, current, RESUME_KEYS)
