@@ -5,12 +5,12 @@ holds n steps, its oldest start s_t becomes one replay row:
 
     (s_t, a_t, R = sum_{k<n} discount^k r_{t+k}, s_{t+n}, terminated)
 
-and the critic bootstraps it with discount^n (SACAgent.bootstrap_discount). A step that terminates ends the
+and the critic bootstraps it with discount^n (SACAgent.discount holds discount^n). A step that terminates ends the
 sum there (later rewards of the window are not added) and the row is stored as terminated. Episodes end by
 truncation: at the reset the window is dropped, so the last n - 1 starts of each episode are not stored (they
 would need a shorter bootstrap horizon than the loss applies). Checkpoints fall on episode boundaries, where the
-window is empty: it is never part of a checkpoint.
-The intermediate steps' entropy bonus is not in R (as in the n-step SAC of DrQ-v2 and FastTD3).
+window is dropped anyway: it is never part of a checkpoint.
+The entropy bonus enters at the bootstrap state s_{t+n} only, not at the intermediate steps.
 """
 
 import numpy as np
