@@ -204,22 +204,31 @@ def test_pyproject_names_the_command():
     assert any(req.startswith("av") for req in project["optional-dependencies"]["video"])
 
 
-def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
+def older_run(tmp_path, missing_keys, *overrides):
+    """Trains a tiny run, then writes its checkpoint to tmp_path / "older" with agent.builder's `missing_keys`
+    taken out of the config, as an mtrl_hpc from before those keys wrote it. Returns the run's Experiment."""
     from omegaconf import OmegaConf
 
     from mtrl_hpc import checkpoint
 
     (tmp_path / "run").mkdir()
-    cfg = make_cfg(tmp_path / "run", "experiment.save.freq=0")
-    experiment = Experiment(cfg, tmp_path / "run")
+    experiment = Experiment(make_cfg(tmp_path / "run", "experiment.save.freq=0", *overrides), tmp_path / "run")
     try:
         assert experiment.run() == "finished"
     finally:
         experiment.close()
     state, config_yaml = checkpoint.load(tmp_path / "run" / "checkpoints" / "step_000000000060.h5")
     older = OmegaConf.create(config_yaml)
-    del older.agent.builder["weight_init"]  # a key this mtrl_hpc reads that an older run did not write
+    for key in missing_keys:
+        del older.agent.builder[key]
     checkpoint.save(tmp_path / "older", 60, state, config_yaml=OmegaConf.to_yaml(older))
+    return experiment
+
+
+def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
+    from mtrl_hpc import checkpoint
+
+    experiment = older_run(tmp_path, ["weight_init"])  # a key this mtrl_hpc reads that an older run did not write
     with pytest.raises(checkpoint.CheckpointError, match="does not hold a policy this mtrl_hpc can build"):
         mtrl_hpc.load_policy(tmp_path / "older")
     policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
@@ -230,21 +239,7 @@ def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
 
 
 def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_observations(tmp_path):
-    from omegaconf import OmegaConf
-
-    from mtrl_hpc import checkpoint
-
-    (tmp_path / "run").mkdir()
-    cfg = make_cfg(tmp_path / "run", "experiment.save.freq=0", "agent.builder.normalize_obs=false")
-    experiment = Experiment(cfg, tmp_path / "run")
-    try:
-        assert experiment.run() == "finished"
-    finally:
-        experiment.close()
-    state, config_yaml = checkpoint.load(tmp_path / "run" / "checkpoints" / "step_000000000060.h5")
-    older = OmegaConf.create(config_yaml)
-    del older.agent.builder["normalize_obs"], older.agent.builder["n_step"]  # keys an older run did not write
-    checkpoint.save(tmp_path / "older", 60, state, config_yaml=OmegaConf.to_yaml(older))
+    experiment = older_run(tmp_path, ["normalize_obs", "n_step"], "agent.builder.normalize_obs=false")
     policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
     assert policy.agent.obs_normalizer is None and policy.config.agent.builder.normalize_obs is False
     obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)

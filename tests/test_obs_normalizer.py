@@ -16,7 +16,7 @@ PRIOR_COUNT = 1e-4  # SB3's RunningMeanStd starts from count 1e-4, mean 0, varia
 
 
 def closed_form(x):
-    """Mean and variance of x [steps, dim] pooled with the prior, written out."""
+    """Mean and variance over the first axis of x ([steps, ...], numpy or torch) pooled with the prior, written out."""
     n = x.shape[0]
     mean = x.sum(0) / (n + PRIOR_COUNT)
     m2 = PRIOR_COUNT * (1.0 + mean ** 2) + ((x - mean) ** 2).sum(0)
@@ -57,7 +57,7 @@ def test_rows_are_normalised_by_their_own_task_and_clipped():
     rows = rng.normal(size=(6, D)) * 4
     rows[0, 1] = 1e3  # far outside task 1's range: clipped at 10
     ids = np.array([1, 0, 0, 1, 1, 0])
-    got = norm(torch.as_tensor(rows, dtype=torch.float32), torch.as_tensor(ids))
+    (got,) = norm(torch.as_tensor(ids), torch.as_tensor(rows, dtype=torch.float32))
     assert got.dtype == torch.float32
     expected = np.empty_like(rows)
     for i, t in enumerate(ids):
@@ -66,7 +66,7 @@ def test_rows_are_normalised_by_their_own_task_and_clipped():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert got[0, 1].item() == 10.0
     # float64 in, float64 out (the golden update test runs in float64)
-    assert norm(torch.as_tensor(rows), torch.as_tensor(ids)).dtype == torch.float64
+    assert norm(torch.as_tensor(ids), torch.as_tensor(rows))[0].dtype == torch.float64
 
 
 FLAG = "agent.builder.normalize_obs=true"

@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from mtrl_hpc.agents.sac import SACAgent
 from mtrl_hpc.config_dir import config_dir
 from mtrl_hpc.replay import Batch
+from test_obs_normalizer import closed_form
 
 T, OBS, ACT, H, B = 3, 7, 2, 16, 24
 UPDATES = 12
@@ -238,15 +239,6 @@ VARIANTS = {
 }
 
 
-def observed_stats(observations):
-    """SB3's running statistics in closed form: the data [steps, T, OBS] pooled with a prior of count 1e-4,
-    mean 0 and variance 1."""
-    c0, n = 1e-4, observations.shape[0]
-    mean = observations.sum(0) / (n + c0)
-    m2 = c0 * (1 + mean ** 2) + ((observations - mean) ** 2).sum(0)
-    return mean, m2 / (n + c0)
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_updates_equal_an_independent_eager_sac(variant):
     overrides, task_ids = VARIANTS[variant]
@@ -261,7 +253,7 @@ def test_updates_equal_an_independent_eager_sac(variant):
         observations = offset + scale * torch.randn(40, T, OBS, generator=gen, dtype=torch.float64)
         for obs in observations:
             agent.observe(obs, torch.arange(T))
-        ref.obs_stats = observed_stats(observations)
+        ref.obs_stats = closed_form(observations)  # [T, OBS] each
     for step in range(UPDATES):
         batch = make_batch(gen, task_ids)
         torch.manual_seed(100 + step)

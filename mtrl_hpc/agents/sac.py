@@ -164,13 +164,13 @@ class SACAgent(nn.Module):
             self.obs_normalizer.update(obs, task_ids)
 
     def _normalized(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        return obs if self.obs_normalizer is None else self.obs_normalizer(obs, task_ids)
+        return obs if self.obs_normalizer is None else self.obs_normalizer(task_ids, obs)[0]
 
     def _normalized_batch(self, batch):
         if self.obs_normalizer is None:
             return batch
-        return batch._replace(obs=self.obs_normalizer(batch.obs, batch.task_ids),
-                              next_obs=self.obs_normalizer(batch.next_obs, batch.task_ids))
+        obs, next_obs = self.obs_normalizer(batch.task_ids, batch.obs, batch.next_obs)
+        return batch._replace(obs=obs, next_obs=next_obs)
 
     # ---- acting ----
     @torch.no_grad()

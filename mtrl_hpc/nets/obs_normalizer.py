@@ -41,10 +41,10 @@ class ObsNormalizer(nn.Module):
         self.var[task_ids] = (var * count[:, None] + delta.square() * (count / total)[:, None]) / total[:, None]
         self.count[task_ids] = total
 
-    def forward(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """obs [rows, obs_dim] of tasks task_ids [rows] -> normalised [rows, obs_dim], in float32 (float64 for
-        float64 input; half-precision replay rows come back as float32)."""
-        dtype = torch.promote_types(obs.dtype, torch.float32)
+    def forward(self, task_ids: torch.Tensor, *obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each obs [rows, obs_dim] of tasks task_ids [rows] -> normalised [rows, obs_dim], in float32 (float64 for
+        float64 input). Several tensors of the same rows (obs, next_obs) share one gather of the statistics."""
+        dtype = torch.promote_types(obs[0].dtype, torch.float32)
         mean = self.mean[task_ids].to(dtype)
         std = (self.var[task_ids] + EPS).sqrt().to(dtype)
-        return ((obs.to(dtype) - mean) / std).clamp(-CLIP, CLIP)
+        return tuple(((x.to(dtype) - mean) / std).clamp(-CLIP, CLIP) for x in obs)
