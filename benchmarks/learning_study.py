@@ -32,7 +32,8 @@ MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_
             "agent.actor.log_std_bounds=[-20,2]", "agent.builder.weight_init=orthogonal", "agent.builder.init_temperature=1.0",
             "agent.optimizers.actor.max_grad_norm=null", "agent.optimizers.critic.max_grad_norm=null",
             "agent.optimizers.alpha.max_grad_norm=null", "env.builder.make_kwargs.should_perform_reward_normalization=false",
-            "agent.critic.layer_norm=false", "agent.builder.normalize_obs=false", "agent.builder.n_step=1"]
+            "agent.critic.layer_norm=false", "agent.actor.layer_norm=false", "agent.builder.normalize_obs=false",
+            "agent.builder.n_step=1"]
 
 # id -> (label, "mtrl_hpc" or "plain", arguments). mtrl_hpc's temperature loss is the log_alpha form.
 VARIANTS = {
