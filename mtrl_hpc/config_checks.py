@@ -1,6 +1,7 @@
 """Checks of a composed config, run before anything is built: one clear line per problem."""
 
 import difflib
+import math
 import os
 
 import torch
@@ -91,6 +92,9 @@ def check_config(cfg) -> list[str]:
          "agent.builder.critic_tau and encoder_tau must be in (0, 1]")
     need(0 <= agent.builder.discount <= 1, f"agent.builder.discount={agent.builder.discount} must be in [0, 1]")
     need(agent.builder.init_temperature > 0, f"agent.builder.init_temperature={agent.builder.init_temperature} must be > 0")
+    target_entropy = agent.builder.target_entropy
+    need(target_entropy is None or (_is_number(target_entropy) and math.isfinite(target_entropy)),
+         f"agent.builder.target_entropy={target_entropy!r} must be a number, or null for -(action dimension)")
     need(agent.builder.actor_update_freq >= 1 and agent.builder.critic_target_update_freq >= 1,
          "agent.builder.actor_update_freq and critic_target_update_freq must be >= 1")
     n_step = agent.builder.n_step

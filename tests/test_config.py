@@ -94,6 +94,8 @@ def test_defaults_follow_mtrl():
     (["experiment.critic_loss_ceiling=-1"], "experiment.critic_loss_ceiling=-1 must be a number > 0, or null"),
     (["agent.optimizers.critic.max_grad_norm=0"], "agent.optimizers.critic.max_grad_norm=0 must be a number > 0, or null"),
     (["agent.optimizers.alpha.max_grad_norm=true"], "agent.optimizers.alpha.max_grad_norm=True must be a number > 0"),
+    (["agent.builder.target_entropy=nan"], "agent.builder.target_entropy=nan must be a number, or null for -(action dimension)"),
+    (["agent.builder.target_entropy=high"], "agent.builder.target_entropy='high' must be a number"),
     (["agent.optimizers.actor.lr_decay.final_lr=0"], "agent.optimizers.actor.lr_decay.final_lr=0 must be a number > 0, or null"),
     (["agent.optimizers.critic.lr_decay.final_lr=1e-4", "agent.optimizers.critic.lr_decay.start=100",
       "agent.optimizers.critic.lr_decay.end=100"],

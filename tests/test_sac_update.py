@@ -122,7 +122,8 @@ class ReferenceSAC:
         self.log_alpha = agent.log_alpha.detach().clone().requires_grad_()
         self.uses_task = mt.actor_cfg.should_condition_encoder_on_task_info and mt.actor_cfg.should_concatenate_task_info_with_encoder
         # n-step rows carry n discounted rewards: the target bootstraps discount^n.
-        self.gamma, self.tau, self.target_entropy = b.discount ** b.n_step, b.critic_tau, -float(ACT)
+        self.gamma, self.tau = b.discount ** b.n_step, b.critic_tau
+        self.target_entropy = -float(ACT) if b.target_entropy is None else b.target_entropy  # null: -|A|
         self.obs_stats = None  # (mean, var) [T, OBS] when observations are normalised
         self.actor_freq, self.target_freq = b.actor_update_freq, b.critic_target_update_freq
         self.lo, self.hi = cfg.actor.log_std_bounds
@@ -233,6 +234,8 @@ VARIANTS = {
                                   "agent.optimizers.critic.lr_decay.end=11", "agent.optimizers.alpha.lr_decay.final_lr=3e-5",
                                   "agent.optimizers.alpha.lr_decay.start=4", "agent.optimizers.alpha.lr_decay.end=6",
                                   "agent.builder.actor_update_freq=2"], UNEQUAL),
+    # A target above the initial entropy, so the temperature moves the other way than with -|A|.
+    "target_entropy": (["agent.builder.target_entropy=1.5", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
     "n_step_3": (["agent.builder.n_step=3", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
     "normalize_obs": (["agent.builder.normalize_obs=True", "agent.multitask.should_use_multi_head_policy=True",
                        *NO_TASK_INFO], EQUAL),

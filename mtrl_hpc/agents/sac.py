@@ -81,7 +81,7 @@ class SACAgent(nn.Module):
         self.encoder_tau = float(b.encoder_tau)
         self.actor_update_freq = int(b.actor_update_freq)
         self.critic_target_update_freq = int(b.critic_target_update_freq)
-        self.target_entropy = -float(action_dim)
+        self.target_entropy = -float(action_dim) if b.target_entropy is None else float(b.target_entropy)
         self.actor_uses_task = _uses_task_info(mt.actor_cfg)
         self.critic_uses_task = _uses_task_info(mt.critic_cfg)
         head_layers = int(mt.multi_head_policy_cfg.num_layers) if mt.should_use_multi_head_policy else None
