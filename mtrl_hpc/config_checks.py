@@ -9,6 +9,7 @@ import torch
 from mtrl_hpc.agents import AGENTS
 from mtrl_hpc.agents.gradient_methods import AGENT_METHODS, GRADIENT_ENGINES, PCGRAD_REDUCTIONS
 from mtrl_hpc.agents.sac import OPTIMIZERS
+from mtrl_hpc.envs import GOAL_SELECTS
 from mtrl_hpc.nets.encoder import ENCODER_TYPES
 from mtrl_hpc.nets.mlp import WEIGHT_INITS
 from mtrl_hpc.nets.mixture import ROUTING_MODES
@@ -54,6 +55,8 @@ def check_config(cfg) -> list[str]:
          f"experiment.save.model.retain_last_n={exp.save.model.retain_last_n} must be -1 (all), 0 (none) or a positive count")
     need(isinstance(env.max_episode_steps, int) and env.max_episode_steps >= 1,
          f"env.max_episode_steps={env.max_episode_steps} must be an integer >= 1")
+    need(env.goal_select in GOAL_SELECTS,
+         f"env.goal_select={env.goal_select!r} is not available; choose one of {', '.join(GOAL_SELECTS)}")
     ceiling = exp.critic_loss_ceiling
     need(ceiling is None or (_is_number(ceiling) and ceiling > 0),
          f"experiment.critic_loss_ceiling={ceiling} must be a number > 0, or null for no ceiling")

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Keys a checkpoint must share with the run that resumes it.
 RESUME_KEYS = (
-    "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version",
+    "env.name", "env.task_name", "env.max_episode_steps", "env.reward_function_version", "env.goal_select",
     "env.builder.make_kwargs.should_perform_reward_normalization", "agent.name",
     "agent.actor", "agent.critic", "agent.encoder", "agent.encoder_feature_dim", "agent.multitask", "replay_buffer.capacity",
     "replay_buffer.obs_dtype", "setup.seed", "agent.builder.n_step", "agent.builder.normalize_obs",
@@ -64,7 +64,8 @@ class Experiment:
         self.rng = np.random.default_rng(seed)  # random actions before init_steps
 
         env_kwargs = dict(task_name=cfg.env.task_name, max_episode_steps=cfg.env.max_episode_steps,
-                          reward_function_version=cfg.env.reward_function_version, num_envs=cfg.env.num_envs)
+                          reward_function_version=cfg.env.reward_function_version, num_envs=cfg.env.num_envs,
+                          goal_select=cfg.env.goal_select)
         self.env = make_env(cfg.env.name, seed=seed, mode="train", **env_kwargs)
         self.eval_env = make_env(cfg.env.name, seed=seed, mode="eval", **env_kwargs)
         self.num_tasks = self.env.num_tasks

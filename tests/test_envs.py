@@ -147,6 +147,56 @@ def test_train_resets_resample_goals(mt10):
         assert len(np.unique(goal_pos[:, i], axis=0)) == len(np.unique(goal_indices[:, i]))
 
 
+def pseudorandom_goals(seed: int, resets: int, env: MetaWorldMultiTaskEnv | None = None) -> np.ndarray:
+    """Goal index of each task over `resets` train resets with goal_select="pseudorandom": [resets, tasks]."""
+    env = env or MetaWorldMultiTaskEnv("MT10", seed=seed, max_episode_steps=SHORT, goal_select="pseudorandom")
+    goals = []
+    for _ in range(resets):
+        env.reset()
+        goals.append(env.goal_indices)
+    return np.array(goals)
+
+
+def test_pseudorandom_goals_run_through_every_goal_once_per_pass():
+    goals = pseudorandom_goals(SEED, 100)  # two passes through MT10's 50 goals per task
+    for i in range(10):
+        first, second = goals[:50, i], goals[50:, i]
+        assert sorted(first) == sorted(second) == list(range(50)), i
+        assert not np.array_equal(first, second)  # reshuffled for the second pass
+    assert len({tuple(goals[:50, i]) for i in range(10)}) == 10  # each task its own order
+    np.testing.assert_array_equal(pseudorandom_goals(SEED, 100), goals)
+    assert not np.array_equal(pseudorandom_goals(SEED + 1, 50), goals[:50])
+    # Uniform draws over 50 resets leave goals out (a fixed draw here: it is seeded).
+    random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT)
+    drawn = pseudorandom_goals(SEED, 50, random)
+    assert all(len(np.unique(drawn[:, i])) < 50 for i in range(10))
+    random.close()
+
+
+def test_pseudorandom_state_mid_pass_continues_the_same_goals(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    expected = pseudorandom_goals(SEED, 80)
+    env = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="pseudorandom")
+    pseudorandom_goals(SEED, 30, env)  # 30 resets into the first pass of 50
+    state = env.get_state()
+    _assert_plain(state)
+    with h5py.File(tmp_path / "env_state.h5", "w") as f:
+        _write_h5(f.create_group("env"), state)
+    with h5py.File(tmp_path / "env_state.h5", "r") as f:
+        from_h5 = _read_h5(f["env"])
+    for restored in (state, from_h5):
+        other = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="pseudorandom")
+        pseudorandom_goals(SEED, 7, other)  # another history before restoring
+        other.set_state(restored)
+        np.testing.assert_array_equal(pseudorandom_goals(SEED, 50, other), expected[30:])  # across the reshuffle
+        other.close()
+    random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT)
+    with pytest.raises(ValueError, match="goal_select"):
+        random.set_state(state)
+    random.close()
+    env.close()
+
+
 def test_eval_resets_cycle_goals_in_order(mt10_eval):
     seen = []
     for _ in range(3):
@@ -313,6 +363,8 @@ def test_bad_names_raise():
         MetaWorldMultiTaskEnv("MT1", seed=0, task_name="reach-v3", max_episode_steps=0)
     with pytest.raises(ValueError, match="seed"):
         MetaWorldMultiTaskEnv("MT1", seed=-1, task_name="reach-v3")
+    with pytest.raises(ValueError, match="pseudorandom"):
+        MetaWorldMultiTaskEnv("MT1", seed=0, task_name="reach-v3", goal_select="shuffled")
 
 
 def test_make_env_takes_the_env_configs():

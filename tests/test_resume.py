@@ -136,6 +136,15 @@ def test_resume_with_other_network_shape_names_the_difference(tmp_path):
     assert "Traceback" not in err
 
 
+def test_resume_with_other_goal_select_names_the_key(tmp_path):
+    status, out, err = finish(start(tmp_path, "experiment.num_train_steps=20", "env.goal_select=random"))
+    assert status == 0, err[-3000:]
+    status, out, err = finish(start(tmp_path, "experiment.num_train_steps=40", "env.goal_select=pseudorandom"))
+    assert status == 2
+    assert "env.goal_select: checkpoint has random, this run has pseudorandom" in err
+    assert "Traceback" not in err
+
+
 def test_resume_with_other_encoder_size_names_the_key_and_other_compile_resumes(tmp_path):
     enc = "agent.encoder.type_to_select=feedforward"
     status, out, err = finish(start(tmp_path, enc, "experiment.num_train_steps=20"))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 ENV_NAMES = ("metaworld-mt1", "metaworld-mt10", "metaworld-mt50")
 _BENCHMARK_OF = {"metaworld-mt1": "MT1", "metaworld-mt10": "MT10", "metaworld-mt50": "MT50"}
+# How a training reset picks each task's goal (MetaWorld's task_select): "random" draws one uniformly, so goals come
+# up unevenly (after 60 episodes about 30% of 50 goals have not been a goal yet); "pseudorandom" runs through a
+# seeded shuffle of all goals, reshuffled after each pass, so every goal comes up once per num_goals episodes.
+GOAL_SELECTS = ("random", "pseudorandom")
 
 
 def make_env(name: str, seed: int, mode: str, **kwargs):
     """Build the env called `name` (one of ENV_NAMES) in mode "train" or "eval".
 
-    kwargs go to `MetaWorldMultiTaskEnv` (task_name, max_episode_steps, reward_function_version).
+    kwargs go to `MetaWorldMultiTaskEnv` (task_name, max_episode_steps, reward_function_version, goal_select).
     `benchmark` and `num_envs` from the env config are accepted and checked against `name`.
     Build the evaluation env (mode "eval") with the training env's seed: the goals depend on it,
     and the second env of the same benchmark and seed reuses the first one's goal lists.
@@ -29,4 +33,4 @@ def make_env(name: str, seed: int, mode: str, **kwargs):
     return env
 
 
-__all__ = ["ENV_NAMES", "make_env"]
+__all__ = ["ENV_NAMES", "GOAL_SELECTS", "make_env"]

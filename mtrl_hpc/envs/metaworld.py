@@ -21,10 +21,12 @@ import metaworld
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
+from mtrl_hpc.envs import GOAL_SELECTS
+
 BENCHMARKS = ("MT1", "MT10", "MT50")
 MODES = ("train", "eval")
 REWARD_FUNCTION_VERSIONS = ("v1", "v2")
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2: goal_select and each task's goal order
 
 # (benchmark, task_name, seed) -> (task names, env classes, goals per task). Goal lists are a
 # deterministic function of the key and MetaWorld `Task`s are immutable, so the training and the
@@ -110,10 +112,13 @@ class MetaWorldMultiTaskEnv:
         max_episode_steps: episode length; every task is truncated at this step. Any value >= 1
             (MetaWorld's own limit of 500 is raised to match).
         reward_function_version: "v2" (default) or "v1", passed to every MetaWorld env.
-        mode: "train" picks a random training goal per task at each reset; "eval" uses goal
+        mode: "train" picks a training goal per task at each reset (see goal_select); "eval" uses goal
             `episode % num_goals` (fixed order) and is the only mode `evaluate` runs in. Use a
             separate env object for evaluation so it never touches the training RNG stream.
             Build both with the same seed: the goal lists depend on it.
+        goal_select: how "train" mode picks goals, one of GOAL_SELECTS: "random" (uniform at each
+            reset) or "pseudorandom" (each task runs through a seeded shuffle of all its goals,
+            reshuffled after each pass). "eval" mode ignores it.
     """
 
     obs_dim = 39
@@ -127,6 +132,7 @@ class MetaWorldMultiTaskEnv:
         max_episode_steps: int = 500,
         reward_function_version: str = "v2",
         mode: str = "train",
+        goal_select: str = "random",
     ) -> None:
         if benchmark not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
@@ -140,6 +146,8 @@ class MetaWorldMultiTaskEnv:
             raise ValueError(f"task_name is only used by MT1; got task_name={task_name!r} for {benchmark}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if goal_select not in GOAL_SELECTS:
+            raise ValueError(f"unknown goal_select {goal_select!r}; valid: {', '.join(GOAL_SELECTS)}")
         if reward_function_version not in REWARD_FUNCTION_VERSIONS:
             raise ValueError(
                 f"unknown reward_function_version {reward_function_version!r}; "
@@ -153,6 +161,7 @@ class MetaWorldMultiTaskEnv:
         self.benchmark = benchmark
         self.seed = int(seed)
         self.mode = mode
+        self.goal_select = goal_select
         self.max_episode_steps = int(max_episode_steps)
         self.reward_function_version = reward_function_version
 
@@ -173,6 +182,8 @@ class MetaWorldMultiTaskEnv:
         self._episode = 0  # resets done so far
         self._t = -1  # steps into the current episode; -1 until reset()
         self._goal_idx = np.zeros(self.num_tasks, dtype=np.int64)
+        # pseudorandom: each task's current pass through its goals, drawn when a pass starts
+        self._goal_order = [np.zeros(0, dtype=np.int64) for _ in range(self.num_tasks)]
 
         T = self.num_tasks
         self._act = np.empty((T, self.action_dim), dtype=np.float32)
@@ -200,8 +211,13 @@ class MetaWorldMultiTaskEnv:
         """Start a new episode in every task; returns obs [num_tasks, obs_dim] float32."""
         if not self._envs:
             raise RuntimeError("the env is closed")
-        if self.mode == "train":
+        if self.mode == "train" and self.goal_select == "random":
             goal_idx = self._goal_rng.integers(0, self._num_goals)
+        elif self.mode == "train":
+            position = self._episode % self._num_goals
+            for i in np.flatnonzero(position == 0):
+                self._goal_order[i] = self._goal_rng.permutation(self._num_goals[i])
+            goal_idx = np.array([order[p] for order, p in zip(self._goal_order, position)], dtype=np.int64)
         else:
             goal_idx = self._episode % self._num_goals
         obs = self._obs
@@ -288,12 +304,13 @@ class MetaWorldMultiTaskEnv:
         Values are ints, strings and nested dicts of these (no pickle), so they fit in HDF5.
         """
         tasks = {}
-        for name, env in zip(self.task_names, self._envs):
+        for name, env, order in zip(self.task_names, self._envs, self._goal_order):
             tasks[name] = {
                 "np_random": _bitgen_state_to_plain(env.np_random.bit_generator.state),
                 "action_space": _bitgen_state_to_plain(env.action_space.np_random.bit_generator.state),
                 "observation_space": _bitgen_state_to_plain(env.observation_space.np_random.bit_generator.state),
                 "goal_space": _bitgen_state_to_plain(env.goal_space.np_random.bit_generator.state),
+                "goal_order": ",".join(map(str, order.tolist())),
             }
         return {
             "format_version": STATE_FORMAT_VERSION,
@@ -301,6 +318,7 @@ class MetaWorldMultiTaskEnv:
             "task_names": ",".join(self.task_names),
             "seed": self.seed,
             "mode": self.mode,
+            "goal_select": self.goal_select,
             "max_episode_steps": self.max_episode_steps,
             "reward_function_version": self.reward_function_version,
             "episode": self._episode,
@@ -312,12 +330,14 @@ class MetaWorldMultiTaskEnv:
     def set_state(self, state: dict) -> None:
         """Restore `get_state()` output (also as read back from HDF5); call `reset()` next."""
         if int(state["format_version"]) != STATE_FORMAT_VERSION:
-            raise ValueError(f"unsupported env state format {state['format_version']}")
+            raise ValueError(f"env state format {int(state['format_version'])} is not the one this mtrl_hpc reads "
+                             f"({STATE_FORMAT_VERSION}); continue it with the mtrl_hpc that wrote it, or start a new run")
         expected = {
             "benchmark": self.benchmark,
             "task_names": ",".join(self.task_names),
             "seed": str(self.seed),
             "mode": self.mode,
+            "goal_select": self.goal_select,
             "max_episode_steps": str(self.max_episode_steps),
             "reward_function_version": self.reward_function_version,
         }
@@ -331,6 +351,8 @@ class MetaWorldMultiTaskEnv:
             env.action_space.np_random.bit_generator.state = _plain_to_bitgen_state(task["action_space"])
             env.observation_space.np_random.bit_generator.state = _plain_to_bitgen_state(task["observation_space"])
             env.goal_space.np_random.bit_generator.state = _plain_to_bitgen_state(task["goal_space"])
+        order = {name: _as_str(state["tasks"][name]["goal_order"]) for name in self.task_names}
+        self._goal_order = [np.array([int(g) for g in order[name].split(",") if g], dtype=np.int64) for name in self.task_names]
         self._episode = int(state["episode"])
         self._t = -1
 
