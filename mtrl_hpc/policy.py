@@ -112,6 +112,9 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
             # A run from before observation normalisation existed fed its networks raw observations.
             if "builder" in cfg.agent and "normalize_obs" not in cfg.agent.builder:
                 cfg.agent.builder.normalize_obs = False
+            # One from before goal selection existed drew every training goal uniformly.
+            if "goal_select" not in cfg.env:
+                cfg.env.goal_select = "random"
 
             reference = reference_config([f"env={cfg.env.name}"])
             OmegaConf.set_struct(reference, False)

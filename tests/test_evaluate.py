@@ -205,8 +205,8 @@ def test_pyproject_names_the_command():
 
 
 def older_run(tmp_path, missing_keys, *overrides):
-    """Trains a tiny run, then writes its checkpoint to tmp_path / "older" with agent.builder's `missing_keys`
-    taken out of the config, as an mtrl_hpc from before those keys wrote it. Returns the run's Experiment."""
+    """Trains a tiny run, then writes its checkpoint to tmp_path / "older" with `missing_keys` (dotted) taken out
+    of the config, as an mtrl_hpc from before those keys wrote it. Returns the run's Experiment."""
     from omegaconf import OmegaConf
 
     from mtrl_hpc import checkpoint
@@ -220,7 +220,8 @@ def older_run(tmp_path, missing_keys, *overrides):
     state, config_yaml = checkpoint.load(tmp_path / "run" / "checkpoints" / "step_000000000060.h5")
     older = OmegaConf.create(config_yaml)
     for key in missing_keys:
-        del older.agent.builder[key]
+        parent, _, leaf = key.rpartition(".")
+        del OmegaConf.select(older, parent)[leaf]
     checkpoint.save(tmp_path / "older", 60, state, config_yaml=OmegaConf.to_yaml(older))
     return experiment
 
@@ -228,7 +229,7 @@ def older_run(tmp_path, missing_keys, *overrides):
 def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
     from mtrl_hpc import checkpoint
 
-    experiment = older_run(tmp_path, ["weight_init"])  # a key this mtrl_hpc reads that an older run did not write
+    experiment = older_run(tmp_path, ["agent.builder.weight_init"])  # a key this mtrl_hpc reads that an older run did not write
     with pytest.raises(checkpoint.CheckpointError, match="does not hold a policy this mtrl_hpc can build"):
         mtrl_hpc.load_policy(tmp_path / "older")
     policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
@@ -239,9 +240,11 @@ def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
 
 
 def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_observations(tmp_path):
-    experiment = older_run(tmp_path, ["normalize_obs", "n_step"], "agent.builder.normalize_obs=false")
+    experiment = older_run(tmp_path, ["agent.builder.normalize_obs", "agent.builder.n_step", "env.goal_select"],
+                           "agent.builder.normalize_obs=false", "env.goal_select=random")
     policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
     assert policy.agent.obs_normalizer is None and policy.config.agent.builder.normalize_obs is False
+    assert policy.config.env.goal_select == "random"  # what runs before the key drew, whatever today's default
     obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
     expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
