@@ -33,7 +33,7 @@ MTRL_HPC = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_
             "agent.optimizers.actor.max_grad_norm=null", "agent.optimizers.critic.max_grad_norm=null",
             "agent.optimizers.alpha.max_grad_norm=null", "env.builder.make_kwargs.should_perform_reward_normalization=false",
             "agent.critic.layer_norm=false", "agent.actor.layer_norm=false", "agent.builder.normalize_obs=false",
-            "agent.builder.n_step=1"]
+            "agent.builder.n_step=1", "env.goal_select=random"]
 
 # id -> (label, "mtrl_hpc" or "plain", arguments). mtrl_hpc's temperature loss is the log_alpha form.
 VARIANTS = {
