@@ -148,7 +148,8 @@ def test_train_resets_resample_goals(mt10):
 
 
 def pseudorandom_goals(seed: int, resets: int, env: MetaWorldMultiTaskEnv | None = None) -> np.ndarray:
-    """Goal index of each task over `resets` train resets with goal_select="pseudorandom": [resets, tasks]."""
+    """Goal index of each task over `resets` train resets of `env` (default: a new MT10 env with
+    goal_select="pseudorandom"): [resets, tasks]."""
     env = env or MetaWorldMultiTaskEnv("MT10", seed=seed, max_episode_steps=SHORT, goal_select="pseudorandom")
     goals = []
     for _ in range(resets):
@@ -167,7 +168,7 @@ def test_pseudorandom_goals_run_through_every_goal_once_per_pass():
     np.testing.assert_array_equal(pseudorandom_goals(SEED, 100), goals)
     assert not np.array_equal(pseudorandom_goals(SEED + 1, 50), goals[:50])
     # Uniform draws over 50 resets leave goals out (a fixed draw here: it is seeded).
-    random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT)
+    random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="random")
     drawn = pseudorandom_goals(SEED, 50, random)
     assert all(len(np.unique(drawn[:, i])) < 50 for i in range(10))
     random.close()
@@ -190,7 +191,7 @@ def test_pseudorandom_state_mid_pass_continues_the_same_goals(tmp_path):
         other.set_state(restored)
         np.testing.assert_array_equal(pseudorandom_goals(SEED, 50, other), expected[30:])  # across the reshuffle
         other.close()
-    random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT)
+    random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="random")
     with pytest.raises(ValueError, match="goal_select"):
         random.set_state(state)
     random.close()

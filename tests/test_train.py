@@ -117,6 +117,30 @@ def test_checkpoints_fall_on_the_first_boundary_after_each_multiple_of_save_freq
     assert steps == [30, 50, 60]
 
 
+@pytest.mark.parametrize("goal_select", ["pseudorandom", "random"])
+def test_training_goals_follow_env_goal_select(tmp_path, monkeypatch, goal_select):
+    # 50 training episodes of MT1 reach-v3: pseudorandom (the default) trains on each of its 50 goals once.
+    from mtrl_hpc.envs.metaworld import MetaWorldMultiTaskEnv
+
+    goals, reset = [], MetaWorldMultiTaskEnv.reset
+
+    def recording_reset(env):
+        obs = reset(env)
+        if env.mode == "train":
+            goals.append(int(env.goal_indices[0]))
+        return obs
+
+    monkeypatch.setattr(MetaWorldMultiTaskEnv, "reset", recording_reset)
+    overrides = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1",
+                 "experiment.num_train_steps=500", "experiment.eval_freq=500", "experiment.save.freq=0"]
+    train(tmp_path, *overrides, *([] if goal_select == "pseudorandom" else [f"env.goal_select={goal_select}"]))
+    assert len(goals) == 50
+    if goal_select == "pseudorandom":
+        assert sorted(goals) == list(range(50))
+    else:
+        assert len(set(goals)) < 50  # uniform draws repeat some goals (seeded: always the same draws)
+
+
 def test_update_frequencies_count_updates_not_env_steps(tmp_path, monkeypatch):
     # Two updates per env step and actor_update_freq=2: one of the two updates of every env step updates the
     # actor (counting env steps instead would give both updates of every second step).
