@@ -11,6 +11,7 @@ import argparse
 import numpy as np
 import torch
 
+from mtrl_hpc.checkpoint import CheckpointError
 from mtrl_hpc.envs.metaworld import MetaWorldMultiTaskEnv
 from mtrl_hpc.policy import load_policy
 
@@ -20,7 +21,10 @@ def main() -> None:
     p.add_argument("path")
     args = p.parse_args()
     torch.set_num_threads(1)
-    policy = load_policy(args.path, fill_missing_keys=True)
+    try:
+        policy = load_policy(args.path, fill_missing_keys=True)
+    except CheckpointError as e:
+        raise SystemExit(f"goal_coverage.py: {e}") from None
     cfg = policy.config
     if policy.num_tasks != 1:
         raise SystemExit(f"goal_coverage.py reads MT1 runs; {args.path} has {policy.num_tasks} tasks")
