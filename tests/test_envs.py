@@ -147,10 +147,12 @@ def test_train_resets_resample_goals(mt10):
         assert len(np.unique(goal_pos[:, i], axis=0)) == len(np.unique(goal_indices[:, i]))
 
 
-def pseudorandom_goals(seed: int, resets: int, env: MetaWorldMultiTaskEnv | None = None) -> np.ndarray:
-    """Goal index of each task over `resets` train resets of `env` (default: a new MT10 env with
-    goal_select="pseudorandom"): [resets, tasks]."""
-    env = env or MetaWorldMultiTaskEnv("MT10", seed=seed, max_episode_steps=SHORT, goal_select="pseudorandom")
+def pseudorandom_env(seed: int = SEED) -> MetaWorldMultiTaskEnv:
+    return MetaWorldMultiTaskEnv("MT10", seed=seed, max_episode_steps=SHORT, goal_select="pseudorandom")
+
+
+def train_goals(env: MetaWorldMultiTaskEnv, resets: int) -> np.ndarray:
+    """Goal index of each task over the next `resets` train resets: [resets, tasks]."""
     goals = []
     for _ in range(resets):
         env.reset()
@@ -159,37 +161,31 @@ def pseudorandom_goals(seed: int, resets: int, env: MetaWorldMultiTaskEnv | None
 
 
 def test_pseudorandom_goals_run_through_every_goal_once_per_pass():
-    goals = pseudorandom_goals(SEED, 100)  # two passes through MT10's 50 goals per task
+    goals = train_goals(pseudorandom_env(), 100)  # two passes through MT10's 50 goals per task
     for i in range(10):
         first, second = goals[:50, i], goals[50:, i]
         assert sorted(first) == sorted(second) == list(range(50)), i
         assert not np.array_equal(first, second)  # reshuffled for the second pass
     assert len({tuple(goals[:50, i]) for i in range(10)}) == 10  # each task its own order
-    np.testing.assert_array_equal(pseudorandom_goals(SEED, 100), goals)
-    assert not np.array_equal(pseudorandom_goals(SEED + 1, 50), goals[:50])
+    np.testing.assert_array_equal(train_goals(pseudorandom_env(), 100), goals)
+    assert not np.array_equal(train_goals(pseudorandom_env(SEED + 1), 50), goals[:50])
     # Uniform draws over 50 resets leave goals out (a fixed draw here: it is seeded).
     random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="random")
-    drawn = pseudorandom_goals(SEED, 50, random)
+    drawn = train_goals(random, 50)
     assert all(len(np.unique(drawn[:, i])) < 50 for i in range(10))
     random.close()
 
 
 def test_pseudorandom_state_mid_pass_continues_the_same_goals(tmp_path):
-    h5py = pytest.importorskip("h5py")
-    expected = pseudorandom_goals(SEED, 80)
-    env = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="pseudorandom")
-    pseudorandom_goals(SEED, 30, env)  # 30 resets into the first pass of 50
+    expected = train_goals(pseudorandom_env(), 80)
+    env = pseudorandom_env()
+    train_goals(env, 30)  # 30 resets into the first pass of 50
     state = env.get_state()
-    _assert_plain(state)
-    with h5py.File(tmp_path / "env_state.h5", "w") as f:
-        _write_h5(f.create_group("env"), state)
-    with h5py.File(tmp_path / "env_state.h5", "r") as f:
-        from_h5 = _read_h5(f["env"])
-    for restored in (state, from_h5):
-        other = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="pseudorandom")
-        pseudorandom_goals(SEED, 7, other)  # another history before restoring
+    for restored in (state, through_hdf5(state, tmp_path)):
+        other = pseudorandom_env()
+        train_goals(other, 7)  # another history before restoring
         other.set_state(restored)
-        np.testing.assert_array_equal(pseudorandom_goals(SEED, 50, other), expected[30:])  # across the reshuffle
+        np.testing.assert_array_equal(train_goals(other, 50), expected[30:])  # across the reshuffle
         other.close()
     random = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="random")
     with pytest.raises(ValueError, match="goal_select"):
@@ -319,16 +315,21 @@ def _read_h5(group):
     return out
 
 
-def test_state_round_trip_continues_identically(mt10, tmp_path):
-    """Checkpoint at an episode boundary, restore into new objects (directly and through HDF5)."""
+def through_hdf5(state: dict, tmp_path) -> dict:
+    """`state` (plain data, checked) written to an HDF5 group and read back, as a checkpoint holds it."""
     h5py = pytest.importorskip("h5py")
-    rollout(mt10, random_actions(2 * SHORT, 10, seed=5))  # two episodes, then at a boundary
-    state = mt10.get_state()
     _assert_plain(state)
     with h5py.File(tmp_path / "env_state.h5", "w") as f:
         _write_h5(f.create_group("env"), state)
     with h5py.File(tmp_path / "env_state.h5", "r") as f:
-        from_h5 = _read_h5(f["env"])
+        return _read_h5(f["env"])
+
+
+def test_state_round_trip_continues_identically(mt10, tmp_path):
+    """Checkpoint at an episode boundary, restore into new objects (directly and through HDF5)."""
+    rollout(mt10, random_actions(2 * SHORT, 10, seed=5))  # two episodes, then at a boundary
+    state = mt10.get_state()
+    from_h5 = through_hdf5(state, tmp_path)
 
     actions = random_actions(3 * SHORT - 1, 10, seed=6)  # three episodes
     expected = rollout(mt10, actions)

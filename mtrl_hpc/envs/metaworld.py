@@ -351,8 +351,8 @@ class MetaWorldMultiTaskEnv:
             env.action_space.np_random.bit_generator.state = _plain_to_bitgen_state(task["action_space"])
             env.observation_space.np_random.bit_generator.state = _plain_to_bitgen_state(task["observation_space"])
             env.goal_space.np_random.bit_generator.state = _plain_to_bitgen_state(task["goal_space"])
-        order = {name: _as_str(state["tasks"][name]["goal_order"]) for name in self.task_names}
-        self._goal_order = [np.array([int(g) for g in order[name].split(",") if g], dtype=np.int64) for name in self.task_names]
+        self._goal_order = [np.array([int(g) for g in _as_str(state["tasks"][name]["goal_order"]).split(",") if g],
+                                     dtype=np.int64) for name in self.task_names]
         self._episode = int(state["episode"])
         self._t = -1
 
