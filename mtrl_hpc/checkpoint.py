@@ -162,26 +162,28 @@ def find_latest_good(run_dir) -> pathlib.Path | None:
     return None
 
 
-def verify(path) -> None:
-    """Recomputes the checksums of a checkpoint and of every replay segment it needs; raises CheckpointError."""
+def verify(path, replay: bool = True) -> None:
+    """Recomputes the checksums of a checkpoint and, with ``replay``, of every replay segment it needs; raises
+    CheckpointError. ``replay=False`` checks the file alone: what a policy needs, wherever the file was copied to."""
     path = pathlib.Path(path)
     with _open(path, FORMAT) as f:
         _check_digest(f, path)
-        replay = _read_replay_header(f, path)
-    if replay is not None:
-        for name, sha in zip(replay["chain"], replay["chain_sha256"]):
+        header = _read_replay_header(f, path)
+    if replay and header is not None:
+        for name, sha in zip(header["chain"], header["chain_sha256"]):
             _verify_segment(path.parent / "replay" / name, sha, path)
-    _VERIFIED[_identity(path)] = True
+    key = _identity(path)
+    _VERIFIED[key] = max(_VERIFIED.get(key, 0), _WITH_REPLAY if replay else _FILE_ONLY)
 
 
 def load(path, replay=None) -> tuple[dict, str]:
     """Verifies and reads a checkpoint: returns (state tree with CPU torch tensors, config YAML string).
 
-    With ``replay`` given, its contents are also restored (``load_replay``).
+    With ``replay`` given, its contents are also restored (``load_replay``); without, the replay segments are
+    neither read nor needed.
     """
     path = pathlib.Path(path)
-    if not _VERIFIED.get(_identity(path)):
-        verify(path)
+    _verify_once(path, _FILE_ONLY if replay is None else _WITH_REPLAY)
     with _open(path, FORMAT) as f:
         try:
             state = read_tree(f["state"])
@@ -198,8 +200,7 @@ def load_replay(path, replay) -> None:
     """Restores ``replay`` in place from the checkpoint's segment chain (``replay.load_hdf5`` on each segment);
     a later ``save`` with the same buffer continues that chain."""
     path = pathlib.Path(path)
-    if not _VERIFIED.get(_identity(path)):
-        verify(path)
+    _verify_once(path, _WITH_REPLAY)
     with _open(path, FORMAT) as f:
         header = _read_replay_header(f, path)
     if header is None:
@@ -390,7 +391,15 @@ def _check_digest(f: h5py.File, path: pathlib.Path) -> str:
     return stored
 
 
-_VERIFIED: dict[tuple, bool] = {}
+# What has been verified of a file (by its identity: path, inode, size, mtime), so that a resume checksums
+# each file once: the file alone, or the file and its replay segments.
+_FILE_ONLY, _WITH_REPLAY = 1, 2
+_VERIFIED: dict[tuple, int] = {}
+
+
+def _verify_once(path: pathlib.Path, level: int) -> None:
+    if _VERIFIED.get(_identity(path), 0) < level:
+        verify(path, replay=level == _WITH_REPLAY)
 
 
 def _identity(path: pathlib.Path) -> tuple:

@@ -43,7 +43,8 @@ def find_checkpoint(path) -> pathlib.Path:
     skipped = []
     for candidate in candidates:
         try:
-            checkpoint.verify(candidate)
+            # The policy needs the file alone: a damaged replay segment does not make its actor unusable.
+            checkpoint.verify(candidate, replay=False)
         except checkpoint.CheckpointVersionError:
             raise
         except CheckpointError as e:

@@ -7,7 +7,9 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import warnings
 
+import h5py
 import metaworld
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 import mtrl_hpc
 from mtrl_hpc import evaluate
+from mtrl_hpc.checkpoint import CheckpointError
 from mtrl_hpc.experiment import Experiment
 from test_train import TINY, make_cfg
 
@@ -194,6 +197,29 @@ def test_a_newer_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path, trained_
     assert policy.step == 200
     # The run directory is read, never changed: the corrupt file stays for its owner to look at.
     assert (run / "checkpoints" / "step_000000000900.h5").exists()
+
+
+def test_a_checkpoint_file_copied_out_of_its_run_loads_without_its_replay_segments(tmp_path, trained_run):
+    newest = sorted((trained_run / "checkpoints").glob("step_*.h5"))[-1]
+    with h5py.File(newest, "r") as f:
+        assert f["replay/chain"].shape[0] >= 1  # the file does point at replay segments
+    copied = tmp_path / "policy.h5"
+    shutil.copy(newest, copied)
+    obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
+    ids = np.arange(10)
+    from_run = mtrl_hpc.load_policy(trained_run)
+    np.testing.assert_array_equal(mtrl_hpc.load_policy(copied).act(obs, ids), from_run.act(obs, ids))
+    # A run whose replay segments are gone still gives its newest policy, without a warning.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoints", run / "checkpoints", ignore=shutil.ignore_patterns("replay"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mtrl_hpc.load_policy(run).step == from_run.step
+    # The file's own checksum is still checked.
+    with h5py.File(copied, "r+") as f:
+        f["config"][()] = f["config"][()] + b" "
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        mtrl_hpc.load_policy(copied)
 
 
 def test_pyproject_names_the_command():
