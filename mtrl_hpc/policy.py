@@ -22,7 +22,8 @@ from mtrl_hpc.checkpoint import CheckpointError
 
 
 def find_checkpoint(path) -> pathlib.Path:
-    """`path` itself if it is a file, else the newest checkpoint of run directory `path` that verifies.
+    """`path` itself if it is a file, else the newest checkpoint of run directory `path` whose file verifies (a
+    policy does not need the replay segments, so those are not checked).
 
     Unlike `checkpoint.find_latest_good` this never deletes anything: the run may still be writing. Each
     newer checkpoint that does not verify is skipped with a RuntimeWarning. Raises CheckpointError when
