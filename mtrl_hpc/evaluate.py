@@ -17,6 +17,9 @@ Options (key=value):
   camera=NAME        a camera of the MetaWorld model (default: a free camera on the table)
   device=D           where the policy runs: cpu (default), cuda, cuda:N or auto
   out=DIR            where the results go (default: RUN_DIR/evaluation/step_<step>_seed_<S>_episodes_<N>/)
+  fill_missing_keys=true
+                     a checkpoint written by an older mtrl_hpc: config keys its run did not have take today's
+                     defaults (the networks must still match)
 
 Written to the output directory: evaluation.csv (one row per task: task, success_rate, mean_episode_reward,
 episodes), evaluation.json (the same plus every episode's success, return and goal index, the checkpoint, seed
@@ -42,10 +45,10 @@ from mtrl_hpc.checkpoint import CheckpointError
 from mtrl_hpc.config_checks import ConfigError
 
 USAGE = ("usage: python -m mtrl_hpc.evaluate RUN_DIR_OR_CHECKPOINT [episodes=N] [seed=S] [video=true] "
-         "[video_episodes=K] [video_size=PX] [camera=NAME] [device=cpu] [out=DIR]")
+         "[video_episodes=K] [video_size=PX] [camera=NAME] [device=cpu] [out=DIR] [fill_missing_keys=true]")
 DEFAULT_EPISODES = 50  # MetaWorld's protocol: one episode per training goal
 OPTIONS = {"episodes": "int", "seed": "int", "video": "bool", "video_episodes": "int", "video_size": "int",
-           "camera": "str", "device": "str", "out": "str"}
+           "camera": "str", "device": "str", "out": "str", "fill_missing_keys": "bool"}
 CSV_COLUMNS = ("task", "success_rate", "mean_episode_reward", "episodes")
 
 
@@ -191,7 +194,8 @@ def _main(argv: list[str]) -> int:
             video.check_rendering()
         else:
             video.import_mujoco()
-        policy = load_policy(path, device=options.get("device", "cpu"))
+        policy = load_policy(path, device=options.get("device", "cpu"),
+                             fill_missing_keys=options.get("fill_missing_keys", False))
         seed = int(policy.config.setup.seed if options.get("seed") is None else options["seed"])
         episodes = options.get("episodes", DEFAULT_EPISODES)
         out = options.get("out")

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mtrl_hpc import checkpoint
 from mtrl_hpc.checkpoint import CheckpointError
@@ -128,8 +128,18 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
         cfg.agent.compile = False
         agent = make_agent(cfg.agent, MetaWorldMultiTaskEnv.obs_dim, MetaWorldMultiTaskEnv.action_dim,
                            len(task_names), device, task_names=task_names)
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        # A key this mtrl_hpc reads that the checkpoint's run did not write.
+        key = e.full_key or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if fill_missing_keys:
+            raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build (no {key} in its "
+                                  f"config, nor in today's)") from None
+        raise CheckpointError(f"{path} was written by an older mtrl_hpc: its config has no {key}; load it "
+                              f"with fill_missing_keys=True (`python -m mtrl_hpc.evaluate ... fill_missing_keys=true`) "
+                              f"to take today's defaults for the keys it lacks") from None
     except (KeyError, TypeError, ValueError, OmegaConfBaseException) as e:
-        raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build ({type(e).__name__}: {e})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build ({type(e).__name__}: {first})"
                               ) from None
     try:
         agent.load_state_dict(modules)

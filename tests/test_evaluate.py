@@ -252,17 +252,27 @@ def older_run(tmp_path, missing_keys, *overrides):
     return experiment
 
 
-def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path):
+def test_load_policy_fills_keys_an_older_checkpoint_lacks(tmp_path, capsys):
     from mtrl_hpc import checkpoint
 
     experiment = older_run(tmp_path, ["agent.builder.weight_init"])  # a key this mtrl_hpc reads that an older run did not write
-    with pytest.raises(checkpoint.CheckpointError, match="does not hold a policy this mtrl_hpc can build"):
+    # Without the option: one line naming the key and the way to load it anyway.
+    with pytest.raises(checkpoint.CheckpointError, match=r"written by an older mtrl_hpc: its config has no "
+                       r"agent\.builder\.weight_init; load it with fill_missing_keys=True") as refused:
         mtrl_hpc.load_policy(tmp_path / "older")
+    assert "\n" not in str(refused.value)
+    assert_one_line_exit_2(evaluate.main([str(tmp_path / "older")]), capsys.readouterr().err,
+                           "fill_missing_keys=true")
     policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
     assert policy.config.agent.builder.weight_init == "orthogonal"  # today's default
     obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
     expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
+    # The command with the option evaluates it.
+    assert evaluate.main([str(tmp_path / "older"), "episodes=1", "fill_missing_keys=true",
+                          f"out={tmp_path / 'evaluation'}"]) == 0
+    rows = (tmp_path / "evaluation" / "evaluation.csv").read_text().splitlines()
+    assert rows[0] == "task,success_rate,mean_episode_reward,episodes" and len(rows) == 11
 
 
 def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_observations(tmp_path):
