@@ -333,14 +333,14 @@ class _open:
             size = path.stat().st_size
             raise CheckpointError(
                 f"{path} ({size} bytes) cannot be opened as HDF5: it is truncated, corrupted or not an HDF5 file "
-                f"({_short(e)}); delete it, an earlier checkpoint will be used"
+                f"({short_error(e)}); delete it, an earlier checkpoint will be used"
             ) from None
         try:
             fmt = self.f.attrs.get("format")
             version = self.f.attrs.get("format_version")
         except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
             self.f.close()
-            raise CheckpointError(f"{path} is damaged: its root attributes cannot be read ({_short(e)}); delete it, "
+            raise CheckpointError(f"{path} is damaged: its root attributes cannot be read ({short_error(e)}); delete it, "
                                   "an earlier checkpoint will be used") from None
         if fmt != self.fmt:
             self.f.close()
@@ -368,13 +368,14 @@ class _open:
         failures = (OSError, KeyError, RuntimeError, ValueError, TypeError)
         if exc[0] is not None and issubclass(exc[0], failures) and not issubclass(exc[0], CheckpointError):
             raise CheckpointError(
-                f"{self.path} is damaged: reading it failed ({_short(exc[1])}); delete it, an earlier checkpoint "
+                f"{self.path} is damaged: reading it failed ({short_error(exc[1])}); delete it, an earlier checkpoint "
                 "will be used"
             ) from None
         return False
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line refusals."""
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 

@@ -128,24 +128,20 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
         cfg.agent.compile = False
         agent = make_agent(cfg.agent, MetaWorldMultiTaskEnv.obs_dim, MetaWorldMultiTaskEnv.action_dim,
                            len(task_names), device, task_names=task_names)
-    except (ConfigAttributeError, ConfigKeyError) as e:
-        # A key this mtrl_hpc reads that the checkpoint's run did not write.
-        key = e.full_key or (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if fill_missing_keys:
-            raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build (no {key} in its "
-                                  f"config, nor in today's)") from None
-        raise CheckpointError(f"{path} was written by an older mtrl_hpc: its config has no {key}; load it "
-                              f"with fill_missing_keys=True (`python -m mtrl_hpc.evaluate ... fill_missing_keys=true`) "
-                              f"to take today's defaults for the keys it lacks") from None
     except (KeyError, TypeError, ValueError, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build ({type(e).__name__}: {first})"
-                              ) from None
+        if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and not fill_missing_keys:
+            # A key this mtrl_hpc reads that the checkpoint's run did not write.
+            raise CheckpointError(f"{path} was written by an older mtrl_hpc: its config has no "
+                                  f"{e.full_key or checkpoint.short_error(e)}; load it with fill_missing_keys=True "
+                                  f"(`python -m mtrl_hpc.evaluate ... fill_missing_keys=true`) to take today's "
+                                  f"defaults for the keys it lacks") from None
+        raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build "
+                              f"({type(e).__name__}: {checkpoint.short_error(e)})") from None
     try:
         agent.load_state_dict(modules)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: the networks do not match the checkpoint's config ({first})") from None
+        raise CheckpointError(f"{path}: the networks do not match the checkpoint's config "
+                              f"({checkpoint.short_error(e)})") from None
     agent.eval()
     return Policy(agent, cfg, task_names, MetaWorldMultiTaskEnv.obs_dim, MetaWorldMultiTaskEnv.action_dim, path,
                   step, device)
