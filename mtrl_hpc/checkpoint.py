@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from mtrl_hpc import files, hdf5_tree
+from mtrl_hpc.errors import short_error
 from mtrl_hpc.hdf5_tree import Digest, TreeError, read_tree, write_tree
 
 FORMAT = "mtrl_hpc.checkpoint"
@@ -372,11 +373,6 @@ class _open:
                 "will be used"
             ) from None
         return False
-
-
-def short_error(e: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), for one-line refusals."""
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _check_digest(f: h5py.File, path: pathlib.Path) -> str:

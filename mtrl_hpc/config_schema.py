@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtrl_hpc.config_dir import config_dir
+from mtrl_hpc.errors import short_error
 
 # Keys whose default has one type but that accept others too (the value checks say which values work).
 EXTRA_TYPES = {
@@ -59,7 +60,7 @@ def check_schema(cfg: DictConfig, reference: DictConfig) -> list[str]:
                   if not (isinstance(v, str) and "${" in v)}
         problems = _check_values(values, defaults)
         where = f"{error.full_key}: " if getattr(error, "full_key", None) else ""
-        return problems or [f"{where}the config cannot be resolved: {str(error).splitlines()[0]}"]
+        return problems or [f"{where}the config cannot be resolved: {short_error(error)}"]
     problems = _check_values(values, defaults)
     for key in METRIC_LISTS:
         given, known = _select(cfg, key), _select(reference, key)

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from mtrl_hpc import files
+from mtrl_hpc.errors import short_error
 
 FORMAT = "mtrl_hpc.metrics"
 FORMAT_VERSION = 1
@@ -109,13 +110,13 @@ class MetricsLog:
                     with h5py.File(tmp, "w", libver="latest") as f:
                         self._create_layout(f)
             except OSError as e:
-                raise MetricsError(f"cannot create {self.path} ({_short(e)}); check the directory's permissions "
+                raise MetricsError(f"cannot create {self.path} ({short_error(e)}); check the directory's permissions "
                                    "and free space") from None
         try:
             self._f = h5py.File(self.path, "r+", libver="latest")
         except OSError as e:
             raise MetricsError(
-                f"cannot open {self.path} for appending ({_short(e)}); is another run writing it?") from None
+                f"cannot open {self.path} for appending ({short_error(e)}); is another run writing it?") from None
         try:
             self._check_layout(self._f)
             self._f.swmr_mode = True
@@ -128,7 +129,7 @@ class MetricsLog:
                 self._tb = tb.EventWriter(self.path.parent, self.task_names, last_step=_last_step)
             except OSError as e:
                 self.close()
-                raise MetricsError(f"cannot write TensorBoard event files in {self.path.parent} ({_short(e)}); "
+                raise MetricsError(f"cannot write TensorBoard event files in {self.path.parent} ({short_error(e)}); "
                                    "check the directory's permissions and free space") from None
 
     # ------------------------------------------------------------------------------------- layout
@@ -210,7 +211,7 @@ class MetricsLog:
                             ds[...] = old[kind][name][keep]
         except OSError as e:
             raise MetricsError(
-                f"cannot rewrite {path} for resuming ({_short(e)}); check free space and permissions") from None
+                f"cannot rewrite {path} for resuming ({short_error(e)}); check free space and permissions") from None
         return cls(path, task_names, train_keys=log.scalar_keys["train"], eval_keys=log.scalar_keys["eval"],
                    train_task_keys=log.task_keys["train"], eval_task_keys=log.task_keys["eval"], console=console,
                    tensorboard=tensorboard, _append=True, _last_step=last_step)
@@ -257,12 +258,12 @@ class MetricsLog:
             ds["step"][n] = int(step)
             self._f.flush()
         except OSError as e:
-            raise MetricsError(f"cannot append to {self.path} ({_short(e)}); check free space") from None
+            raise MetricsError(f"cannot append to {self.path} ({short_error(e)}); check free space") from None
         if self._tb is not None:
             try:
                 self._tb.write(kind, int(step), values, rows)
             except OSError as e:
-                raise MetricsError(f"cannot append to {self._tb.path} ({_short(e)}); check free space") from None
+                raise MetricsError(f"cannot append to {self._tb.path} ({short_error(e)}); check free space") from None
         line = format_line(kind, int(step), values)
         if self.console:
             echo(line)
@@ -314,10 +315,6 @@ def _array(v, key) -> np.ndarray:
         raise MetricsError(f"per-task metric {key!r}: expected numbers, got {type(v).__name__}") from None
 
 
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-
-
 # ============================================================================================ reading
 
 
@@ -329,7 +326,7 @@ def open_for_reading(path) -> h5py.File:
         try:
             f = h5py.File(path, "r", **kwargs)
         except OSError as e:
-            errors.append(_short(e))
+            errors.append(short_error(e))
             continue
         if f.attrs.get("format") != FORMAT:
             f.close()

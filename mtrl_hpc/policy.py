@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from mtrl_hpc import checkpoint
 from mtrl_hpc.checkpoint import CheckpointError
+from mtrl_hpc.errors import short_error
 
 
 def find_checkpoint(path) -> pathlib.Path:
@@ -132,16 +133,16 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
         if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and not fill_missing_keys:
             # A key this mtrl_hpc reads that the checkpoint's run did not write.
             raise CheckpointError(f"{path} was written by an older mtrl_hpc: its config has no "
-                                  f"{e.full_key or checkpoint.short_error(e)}; load it with fill_missing_keys=True "
+                                  f"{e.full_key or short_error(e)}; load it with fill_missing_keys=True "
                                   f"(`python -m mtrl_hpc.evaluate ... fill_missing_keys=true`) to take today's "
                                   f"defaults for the keys it lacks") from None
         raise CheckpointError(f"{path} does not hold a policy this mtrl_hpc can build "
-                              f"({type(e).__name__}: {checkpoint.short_error(e)})") from None
+                              f"({type(e).__name__}: {short_error(e)})") from None
     try:
         agent.load_state_dict(modules)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the networks do not match the checkpoint's config "
-                              f"({checkpoint.short_error(e)})") from None
+                              f"({short_error(e)})") from None
     agent.eval()
     return Policy(agent, cfg, task_names, MetaWorldMultiTaskEnv.obs_dim, MetaWorldMultiTaskEnv.action_dim, path,
                   step, device)

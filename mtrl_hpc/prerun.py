@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mtrl_hpc import run_dir
 from mtrl_hpc.config_checks import ConfigError, check_config, resolve_device
 from mtrl_hpc.config_schema import check_schema, group_overrides, reference_config
+from mtrl_hpc.errors import short_error
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def config_problems(cfg: DictConfig, choices, overrides) -> list[str]:
         reference = reference_config(group_overrides(list(overrides), list(choices)))
     except Exception as error:  # e.g. a job process that cannot see the command line's config search path
         log.warning("config keys and types not checked (the config tree cannot be composed here: %s)",
-                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+                    short_error(error))
         reference = None
     problems = check_schema(cfg, reference) if reference is not None else []
     if problems:
@@ -68,7 +69,7 @@ class PreRunChecks(Callback):
         except run_dir.RunDirError as error:
             refuse([str(error)])
         except OmegaConfBaseException as error:
-            refuse([f"hydra.run.dir cannot be resolved: {str(error).splitlines()[0]}"])
+            refuse([f"hydra.run.dir cannot be resolved: {short_error(error)}"])
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
