@@ -5,18 +5,22 @@
 
 RUN_DIR_OR_CHECKPOINT: a run directory (its newest checkpoint that verifies is used) or a checkpoint file.
 The policy acts deterministically (the actor's mean) on the evaluation env of the run's config, exactly as the
-training loop evaluates (``MetaWorldMultiTaskEnv.evaluate``): episode e of every task uses goal e % 50, and an
-episode is a success if the success flag was 1 at any step.
+training loop evaluates (``MetaWorldMultiTaskEnv.evaluate``): episode e of every task uses goal e % 50 (a run
+with env.goal_select=fixed, mtrl's protocol: the one goal each task trained on), and an episode is a success if
+the success flag was 1 at any step.
 
 Options (key=value):
-  episodes=N         episodes per task (default 50: each of the task's 50 goals once, MetaWorld's protocol)
+  episodes=N         episodes per task (default 50: each of the task's 50 goals once, MetaWorld's protocol; 1 on
+                     a fixed goal, where every episode is the same: the env and the policy are deterministic)
+  all_goals=true     a run with env.goal_select=fixed: evaluate on all 50 goals instead of its own
   seed=S             seed of the goal lists (default: the run's setup.seed, i.e. the goals it trained on)
   video=true         also write <task>.mp4 of the first video_episodes episodes of each task
   video_episodes=K   episodes per video (default 1)
   video_size=PX      square frame size in pixels, even (default 256)
   camera=NAME        a camera of the MetaWorld model (default: a free camera on the table)
   device=D           where the policy runs: cpu (default), cuda, cuda:N or auto
-  out=DIR            where the results go (default: RUN_DIR/evaluation/step_<step>_seed_<S>_episodes_<N>/)
+  out=DIR            where the results go (default: RUN_DIR/evaluation/step_<step>_seed_<S>_episodes_<N>/, with
+                     _fixed_goal appended on a fixed goal)
   fill_missing_keys=true
                      a checkpoint written by an older mtrl_hpc: config keys its run did not have take today's
                      defaults (the networks must still match)
@@ -44,10 +48,10 @@ from mtrl_hpc import files
 from mtrl_hpc.checkpoint import CheckpointError
 from mtrl_hpc.config_checks import ConfigError
 
-USAGE = ("usage: python -m mtrl_hpc.evaluate RUN_DIR_OR_CHECKPOINT [episodes=N] [seed=S] [video=true] "
+USAGE = ("usage: python -m mtrl_hpc.evaluate RUN_DIR_OR_CHECKPOINT [episodes=N] [all_goals=true] [seed=S] [video=true] "
          "[video_episodes=K] [video_size=PX] [camera=NAME] [device=cpu] [out=DIR] [fill_missing_keys=true]")
 DEFAULT_EPISODES = 50  # MetaWorld's protocol: one episode per training goal
-OPTIONS = {"episodes": "int", "seed": "int", "video": "bool", "video_episodes": "int", "video_size": "int",
+OPTIONS = {"episodes": "int", "all_goals": "bool", "seed": "int", "video": "bool", "video_episodes": "int", "video_size": "int",
            "camera": "str", "device": "str", "out": "str", "fill_missing_keys": "bool"}
 CSV_COLUMNS = ("task", "success_rate", "mean_episode_reward", "episodes")
 
@@ -98,15 +102,28 @@ def run_dir_of(checkpoint_path: pathlib.Path) -> pathlib.Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
+def on_fixed_goal(policy, all_goals: bool = False) -> bool:
+    """Whether the evaluation runs on each task's fixed goal (a run with env.goal_select=fixed) or on all goals."""
+    return policy.config.env.goal_select == "fixed" and not all_goals
+
+
+def default_episodes(policy, all_goals: bool = False) -> int:
+    return 1 if on_fixed_goal(policy, all_goals) else DEFAULT_EPISODES
+
+
 def evaluate_policy(policy, episodes: int | None = None, seed: int | None = None, video_dir=None,
-                    video_episodes: int = 1, video_size: int | None = None, camera: str | None = None):
-    """Runs the evaluation protocol on the env of the policy's config; returns (EvalResult, seed, video paths)."""
+                    video_episodes: int = 1, video_size: int | None = None, camera: str | None = None,
+                    all_goals: bool = False):
+    """Runs the evaluation protocol on the env of the policy's config; returns (EvalResult, seed, video paths).
+    all_goals: evaluate a run with env.goal_select=fixed on every goal (goal e % 50 in episode e) instead."""
     from mtrl_hpc.envs import make_env
 
     env_cfg = policy.config.env
     seed = int(policy.config.setup.seed if seed is None else seed)
+    # An eval-mode env runs through all goals whatever goal_select is, except "fixed".
     env = make_env(env_cfg.name, seed=seed, mode="eval", task_name=env_cfg.task_name,
-                   max_episode_steps=env_cfg.max_episode_steps, reward_function_version=env_cfg.reward_function_version)
+                   max_episode_steps=env_cfg.max_episode_steps, reward_function_version=env_cfg.reward_function_version,
+                   goal_select="fixed" if on_fixed_goal(policy, all_goals) else "pseudorandom")
     try:
         if list(env.task_names) != policy.task_names:
             raise CheckpointError(f"{policy.path}: the env's tasks {env.task_names} are not the policy's "
@@ -116,7 +133,7 @@ def evaluate_policy(policy, episodes: int | None = None, seed: int | None = None
         def act(obs: np.ndarray) -> np.ndarray:
             return policy.act(obs, task_ids)
 
-        episodes = int(episodes or DEFAULT_EPISODES)
+        episodes = int(episodes or default_episodes(policy, all_goals))
         if video_dir is None:
             return env.evaluate(act, episodes), seed, []
         from mtrl_hpc import video
@@ -148,7 +165,7 @@ def csv_text(task_names, result) -> str:
     return buf.getvalue()
 
 
-def json_record(policy, result, seed: int, videos) -> dict:
+def json_record(policy, result, seed: int, videos, all_goals: bool = False) -> dict:
     cfg = policy.config
     return {
         "checkpoint": str(policy.path.resolve()),
@@ -158,6 +175,7 @@ def json_record(policy, result, seed: int, videos) -> dict:
         "max_episode_steps": int(cfg.env.max_episode_steps),
         "seed": seed,
         "episodes": int(result.episode_success.shape[1]),
+        "goals": "fixed" if on_fixed_goal(policy, all_goals) else "all",
         "mean_success_rate": float(result.success_rate.mean()),
         "mean_episode_reward": float(result.mean_episode_reward.mean()),
         "tasks": [
@@ -197,19 +215,21 @@ def _main(argv: list[str]) -> int:
         policy = load_policy(path, device=options.get("device", "cpu"),
                              fill_missing_keys=options.get("fill_missing_keys", False))
         seed = int(policy.config.setup.seed if options.get("seed") is None else options["seed"])
-        episodes = options.get("episodes", DEFAULT_EPISODES)
+        all_goals = options.get("all_goals", False)
+        episodes = options.get("episodes", default_episodes(policy, all_goals))
         out = options.get("out")
+        suffix = "_fixed_goal" if on_fixed_goal(policy, all_goals) else ""
         out_dir = pathlib.Path(out) if out else (run_dir_of(policy.path) / "evaluation"
-                                                 / f"step_{policy.step:012d}_seed_{seed}_episodes_{episodes}")
+                                                 / f"step_{policy.step:012d}_seed_{seed}_episodes_{episodes}{suffix}")
         files.make_dirs(out_dir)
         result, seed, videos = evaluate_policy(
             policy, episodes, seed, video_dir=out_dir if options.get("video") else None,
             video_episodes=options.get("video_episodes", 1), video_size=options.get("video_size"),
-            camera=options.get("camera"))
+            camera=options.get("camera"), all_goals=all_goals)
         with files.atomic_output(out_dir / "evaluation.csv") as tmp:
             tmp.write_text(csv_text(policy.task_names, result))
         with files.atomic_output(out_dir / "evaluation.json") as tmp:
-            tmp.write_text(json.dumps(json_record(policy, result, seed, videos), indent=1) + "\n")
+            tmp.write_text(json.dumps(json_record(policy, result, seed, videos, all_goals), indent=1) + "\n")
     except (EvaluateError, CheckpointError, ConfigError, ValueError, OSError) as error:
         # ValueError: an option the env or renderer refuses (e.g. an unknown camera); OSError: the output
         # directory cannot be written.
@@ -217,7 +237,8 @@ def _main(argv: list[str]) -> int:
         print(f"mtrl_hpc.evaluate: {error}{hint}", file=sys.stderr)
         return 2
     print(f"{policy.path} (step {policy.step}, {policy.config.env.name}, seed {seed}, "
-          f"{result.episode_success.shape[1]} episodes per task)")
+          f"{result.episode_success.shape[1]} episodes per task"
+          f"{' on its fixed goal' if on_fixed_goal(policy, all_goals) else ''})")
     print(table(policy.task_names, result))
     print(f"wrote {out_dir / 'evaluation.csv'}, evaluation.json" + (f" and {len(videos)} videos" if videos else ""))
     return 0

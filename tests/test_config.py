@@ -94,7 +94,7 @@ def test_defaults_follow_mtrl():
     (["experiment.critic_loss_ceiling=-1"], "experiment.critic_loss_ceiling=-1 must be a number > 0, or null"),
     (["agent.optimizers.critic.max_grad_norm=0"], "agent.optimizers.critic.max_grad_norm=0 must be a number > 0, or null"),
     (["agent.optimizers.alpha.max_grad_norm=true"], "agent.optimizers.alpha.max_grad_norm=True must be a number > 0"),
-    (["env.goal_select=shuffled"], "env.goal_select='shuffled' is not available; choose one of random, pseudorandom"),
+    (["env.goal_select=shuffled"], "env.goal_select='shuffled' is not available; choose one of random, pseudorandom, fixed"),
     (["agent.builder.target_entropy=nan"], "agent.builder.target_entropy=nan must be a number, or null for -(action dimension)"),
     (["agent.builder.target_entropy=high"], "agent.builder.target_entropy='high' must be a number"),
     (["agent.optimizers.actor.lr_decay.final_lr=0"], "agent.optimizers.actor.lr_decay.final_lr=0 must be a number > 0, or null"),

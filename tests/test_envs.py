@@ -194,6 +194,36 @@ def test_pseudorandom_state_mid_pass_continues_the_same_goals(tmp_path):
     env.close()
 
 
+def test_fixed_goals_are_one_seeded_goal_per_task_for_training_and_evaluation(tmp_path):
+    # mtrl's protocol: one goal per task for the whole run, drawn from the seed, and evaluated on.
+    train = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="fixed")
+    goals = train_goals(train, 60)
+    fixed = goals[0]
+    assert (goals == fixed).all()
+    assert len(np.unique(fixed)) > 1  # drawn per task, not one index for all
+    goal_pos = train.reset()[:, 36:39]
+    np.testing.assert_array_equal(goal_pos, train.reset()[:, 36:39])
+    state = through_hdf5(train.get_state(), tmp_path)
+    train.close()
+
+    other = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, goal_select="fixed")
+    other.set_state(state)
+    np.testing.assert_array_equal(train_goals(other, 3), np.tile(fixed, (3, 1)))
+    other.close()
+    draws = [MetaWorldMultiTaskEnv("MT10", seed=s, max_episode_steps=SHORT, goal_select="fixed") for s in (SEED + 1, SEED + 2)]
+    assert all(not np.array_equal(train_goals(env, 1)[0], fixed) for env in draws)  # another seed, other goals
+    for env in draws:
+        env.close()
+
+    evaluation = MetaWorldMultiTaskEnv("MT10", seed=SEED, max_episode_steps=SHORT, mode="eval", goal_select="fixed")
+    result = evaluation.evaluate(lambda obs: np.full((len(obs), 4), 0.3, dtype=np.float32), 3)
+    np.testing.assert_array_equal(result.episode_goal, np.tile(fixed[:, None], (1, 3)))
+    np.testing.assert_array_equal(evaluation.reset()[:, 36:39], goal_pos)  # the goal trained on
+    # The env is deterministic: every episode on one goal with the same actions returns the same.
+    np.testing.assert_array_equal(result.episode_reward, np.tile(result.episode_reward[:, :1], (1, 3)))
+    evaluation.close()
+
+
 def test_eval_resets_cycle_goals_in_order(mt10_eval):
     seen = []
     for _ in range(3):

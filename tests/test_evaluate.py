@@ -36,9 +36,10 @@ def trained_run(tmp_path_factory):
     return run_dir
 
 
-def reference_evaluation(policy, seed: int, episodes: int):
-    """MetaWorld's protocol written out: episode e of each task on its training goal e % 50, EPISODE_STEPS
-    steps, success if the flag was 1 at any step; all tasks act in one batch per step."""
+def reference_evaluation(policy, seed: int, episodes: int, fixed_goals=None):
+    """MetaWorld's protocol written out: episode e of each task on its training goal e % 50 (or on
+    fixed_goals[task] in every episode), EPISODE_STEPS steps, success if the flag was 1 at any step; all tasks
+    act in one batch per step."""
     bench = metaworld.MT10(seed=seed)
     names = list(bench.train_classes)
     goals = [[t for t in bench.train_tasks if t.env_name == n] for n in names]
@@ -49,7 +50,7 @@ def reference_evaluation(policy, seed: int, episodes: int):
     for e in range(episodes):
         obs = []
         for i, env in enumerate(envs):
-            env.set_task(goals[i][e % len(goals[i])])
+            env.set_task(goals[i][e % len(goals[i]) if fixed_goals is None else fixed_goals[i]])
             obs.append(env.reset()[0])
         for _ in range(EPISODE_STEPS):
             actions = policy.act(np.array(obs, dtype=np.float32), ids)
@@ -284,3 +285,26 @@ def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_ob
     obs = np.random.default_rng(0).normal(size=(10, 39)).astype(np.float32)
     expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
+
+
+def test_a_fixed_goal_run_is_evaluated_on_its_goal_unless_all_goals(tmp_path, capsys):
+    # env.goal_select=fixed (mtrl's protocol): evaluate on the goal each task trained on, one episode by default.
+    experiment = Experiment(make_cfg(tmp_path, "env.goal_select=fixed", "experiment.save.freq=0"), tmp_path)
+    try:
+        assert experiment.run() == "finished"
+        trained_goals = experiment.env.goal_indices  # the goal of the last training episode: the only one
+    finally:
+        experiment.close()
+    assert evaluate.main([str(tmp_path)]) == 0
+    assert "1 episodes per task on its fixed goal" in capsys.readouterr().out
+    out = tmp_path / "evaluation" / "step_000000000060_seed_1_episodes_1_fixed_goal"
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["goals"] == "fixed" and record["episodes"] == 1
+    assert [t["episode_goal"] for t in record["tasks"]] == [[int(g)] for g in trained_goals]
+    names, success, returns = reference_evaluation(mtrl_hpc.load_policy(tmp_path), 1, 1, fixed_goals=trained_goals)
+    np.testing.assert_allclose([t["episode_reward"][0] for t in record["tasks"]], returns[:, 0], rtol=1e-5)
+    np.testing.assert_array_equal([t["success_rate"] for t in record["tasks"]], success[:, 0])
+
+    assert evaluate.main([str(tmp_path), "all_goals=true", "episodes=2"]) == 0
+    record = json.loads((tmp_path / "evaluation" / "step_000000000060_seed_1_episodes_2" / "evaluation.json").read_text())
+    assert record["goals"] == "all" and all(t["episode_goal"] == [0, 1] for t in record["tasks"])

@@ -117,28 +117,32 @@ def test_checkpoints_fall_on_the_first_boundary_after_each_multiple_of_save_freq
     assert steps == [30, 50, 60]
 
 
-@pytest.mark.parametrize("goal_select", ["pseudorandom", "random"])
+@pytest.mark.parametrize("goal_select", ["pseudorandom", "random", "fixed"])
 def test_training_goals_follow_env_goal_select(tmp_path, monkeypatch, goal_select):
     # 50 training episodes of MT1 reach-v3: pseudorandom (the default) trains on each of its 50 goals once.
     from mtrl_hpc.envs.metaworld import MetaWorldMultiTaskEnv
 
-    goals, reset = [], MetaWorldMultiTaskEnv.reset
+    goals, eval_goals, reset = [], [], MetaWorldMultiTaskEnv.reset
 
     def recording_reset(env):
         obs = reset(env)
-        if env.mode == "train":
-            goals.append(int(env.goal_indices[0]))
+        (goals if env.mode == "train" else eval_goals).append(int(env.goal_indices[0]))
         return obs
 
     monkeypatch.setattr(MetaWorldMultiTaskEnv, "reset", recording_reset)
     overrides = ["env=metaworld-mt1", "env.task_name=reach-v3", "agent.multitask.num_envs=1",
-                 "experiment.num_train_steps=500", "experiment.eval_freq=500", "experiment.save.freq=0"]
+                 "experiment.num_train_steps=500", "experiment.eval_freq=500", "experiment.save.freq=0",
+                 "experiment.num_eval_episodes=3"]
     train(tmp_path, *overrides, *([] if goal_select == "pseudorandom" else [f"env.goal_select={goal_select}"]))
     assert len(goals) == 50
     if goal_select == "pseudorandom":
         assert sorted(goals) == list(range(50))
-    else:
+    elif goal_select == "random":
         assert len(set(goals)) < 50  # uniform draws repeat some goals (seeded: always the same draws)
+    else:  # mtrl's protocol: one goal, and the evaluation on it
+        assert len(set(goals)) == 1 and set(eval_goals) == set(goals)
+    if goal_select != "fixed":
+        assert eval_goals[:3] == [0, 1, 2]  # evaluation runs through the goals in order
 
 
 def test_update_frequencies_count_updates_not_env_steps(tmp_path, monkeypatch):

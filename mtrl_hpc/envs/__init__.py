@@ -6,8 +6,9 @@ ENV_NAMES = ("metaworld-mt1", "metaworld-mt10", "metaworld-mt50")
 _BENCHMARK_OF = {"metaworld-mt1": "MT1", "metaworld-mt10": "MT10", "metaworld-mt50": "MT50"}
 # How a training reset picks each task's goal (MetaWorld's task_select): "random" draws one uniformly, so goals come
 # up unevenly (after 60 episodes about 30% of 50 goals have not been a goal yet); "pseudorandom" runs through a
-# seeded shuffle of all goals, reshuffled after each pass, so every goal comes up once per num_goals episodes.
-GOAL_SELECTS = ("random", "pseudorandom")
+# seeded shuffle of all goals, reshuffled after each pass, so every goal comes up once per num_goals episodes;
+# "fixed" is mtrl's protocol: one seeded goal per task for the whole run, trained and evaluated on.
+GOAL_SELECTS = ("random", "pseudorandom", "fixed")
 
 
 def make_env(name: str, seed: int, mode: str, **kwargs):

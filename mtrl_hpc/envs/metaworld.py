@@ -6,7 +6,8 @@ One MetaWorld env instance per task; `step` takes a [num_tasks, action_dim] arra
 Seeding. MetaWorld's `reset(seed=...)` ignores the seed and goals are fixed by `set_task`, so this
 module owns the goal choice: the goals (MetaWorld `Task` objects, 50 per task) come from
 `metaworld.MT10(seed=seed)` etc., and at each reset a seeded `numpy.random.Generator` picks one per
-task ("train" mode) or goal `episode % num_goals` is used ("eval" mode). Apart from the goal, a
+task ("train" mode) or goal `episode % num_goals` is used ("eval" mode); with goal_select "fixed" both modes
+use one goal per task drawn from the seed alone (mtrl's protocol). Apart from the goal, a
 MetaWorld v3 episode is a deterministic function of the actions: `reset` restores the whole MuJoCo
 state (`mj_resetData`), and the envs' own RNGs (`np_random`, the spaces' RNGs) are seeded but not
 used with fixed goals (they are still part of `get_state`).
@@ -117,8 +118,10 @@ class MetaWorldMultiTaskEnv:
             separate env object for evaluation so it never touches the training RNG stream.
             Build both with the same seed: the goal lists depend on it.
         goal_select: how "train" mode picks goals, one of GOAL_SELECTS: "random" (uniform at each
-            reset) or "pseudorandom" (each task runs through a seeded shuffle of all its goals,
-            reshuffled after each pass). "eval" mode ignores it.
+            reset), "pseudorandom" (each task runs through a seeded shuffle of all its goals,
+            reshuffled after each pass) or "fixed" (mtrl's protocol: one goal per task, drawn from the
+            seed alone, for every episode of both modes, so evaluation is on the goal trained on).
+            "eval" mode ignores "random" and "pseudorandom".
     """
 
     obs_dim = 39
@@ -171,8 +174,12 @@ class MetaWorldMultiTaskEnv:
         self.goals: tuple[tuple[Any, ...], ...] = goals  # per task row: its MetaWorld Task objects
         self._num_goals = np.array([len(g) for g in goals], dtype=np.int64)
 
-        goal_seq, env_seq = np.random.SeedSequence(self.seed).spawn(2)
+        # The third child is new with "fixed"; spawn(3)'s first two are spawn(2)'s, so the other streams are unchanged.
+        goal_seq, env_seq, fixed_seq = np.random.SeedSequence(self.seed).spawn(3)
         self._goal_rng = np.random.Generator(np.random.PCG64(goal_seq))
+        # Drawn whatever goal_select is, so a train and an eval env of one seed agree on it without shared state.
+        self.fixed_goal = np.random.Generator(np.random.PCG64(fixed_seq)).integers(0, self._num_goals)
+        self.fixed_goal.setflags(write=False)  # per task row: its goal under goal_select "fixed"
         self._envs = []
         for cls, env_seed in zip(classes, env_seq.generate_state(self.num_tasks, dtype=np.uint32)):
             env = cls(reward_function_version=reward_function_version)
@@ -211,7 +218,9 @@ class MetaWorldMultiTaskEnv:
         """Start a new episode in every task; returns obs [num_tasks, obs_dim] float32."""
         if not self._envs:
             raise RuntimeError("the env is closed")
-        if self.mode == "train" and self.goal_select == "random":
+        if self.goal_select == "fixed":
+            goal_idx = self.fixed_goal
+        elif self.mode == "train" and self.goal_select == "random":
             goal_idx = self._goal_rng.integers(0, self._num_goals)
         elif self.mode == "train":
             position = self._episode % self._num_goals
@@ -259,8 +268,9 @@ class MetaWorldMultiTaskEnv:
                  on_step: Callable[[int], None] | None = None) -> EvalResult:
         """MetaWorld's protocol: `num_episodes` episodes per task, all tasks in lockstep.
 
-        Episode e of every task uses goal `e % num_goals` (the same goals on every call), and counts
-        as a success if the success flag was 1 at any step. `act_fn(obs [T, obs_dim] float32)`
+        Episode e of every task uses goal `e % num_goals` (the same goals on every call), or with
+        goal_select "fixed" the task's fixed goal, and counts as a success if the success flag was 1 at
+        any step. `act_fn(obs [T, obs_dim] float32)`
         returns actions [T, action_dim]. Only in mode "eval"; leaves the env needing `reset()`.
         `on_step(e)`, if given, is called after the reset of episode e and after each of its steps, when
         `envs` hold the state just reached (a video recorder renders them there).
