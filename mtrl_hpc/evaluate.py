@@ -48,11 +48,11 @@ from mtrl_hpc import files
 from mtrl_hpc.checkpoint import CheckpointError
 from mtrl_hpc.config_checks import ConfigError
 
-USAGE = ("usage: python -m mtrl_hpc.evaluate RUN_DIR_OR_CHECKPOINT [episodes=N] [all_goals=true] [seed=S] [video=true] "
-         "[video_episodes=K] [video_size=PX] [camera=NAME] [device=cpu] [out=DIR] [fill_missing_keys=true]")
+USAGE = ("usage: python -m mtrl_hpc.evaluate RUN_DIR_OR_CHECKPOINT [episodes=N] [all_goals=true] [seed=S] "
+         "[video=true] [video_episodes=K] [video_size=PX] [camera=NAME] [device=cpu] [out=DIR] [fill_missing_keys=true]")
 DEFAULT_EPISODES = 50  # MetaWorld's protocol: one episode per training goal
-OPTIONS = {"episodes": "int", "all_goals": "bool", "seed": "int", "video": "bool", "video_episodes": "int", "video_size": "int",
-           "camera": "str", "device": "str", "out": "str", "fill_missing_keys": "bool"}
+OPTIONS = {"episodes": "int", "all_goals": "bool", "seed": "int", "video": "bool", "video_episodes": "int",
+           "video_size": "int", "camera": "str", "device": "str", "out": "str", "fill_missing_keys": "bool"}
 CSV_COLUMNS = ("task", "success_rate", "mean_episode_reward", "episodes")
 
 
