@@ -198,8 +198,8 @@ def test_config_checks(overrides, message):
 @pytest.mark.parametrize("extra", ["", " agent.distral_evaluate_task_policies=true"])
 def test_mtrl_distral_command_trains_on_mt10(tmp_path, monkeypatch, extra):
     # Uniform goal draws: with the default goal order this 200-step run's critic crosses the divergence ceiling at
-    # steps 30-40 (log pi0 of the 20 uniform initial actions enters the reward at full weight, distral_alpha=1.0),
-    # as it did with actor layer norm; docs/learning.md's Open list records it.
+    # steps 30-40 (log pi0 of the task policies' actions, at full weight with distral_alpha=1.0, has rows below
+    # -1000 while pi0 is untrained); docs/learning.md's Open list records it.
     m = run_doc_command(tmp_path, monkeypatch,
                         "setup=metaworld env=metaworld-mt10 agent=distral agent.distral_alpha=1.0 agent.distral_beta=1.0"
                         " env.goal_select=random" + extra)
