@@ -40,6 +40,7 @@ def assert_one_line_refusal(out, *needles):
     ("+setup.num_thread=1", "did you mean setup.num_threads?"),
     ("env.task_name=reach-v2", "did you mean env.task_name=reach-v3?"),
     ("metrics.train=[step,episode,critic_los]", "metrics.train has names nothing logs: ['critic_los']"),
+    ("hydra.run.dir=${nope}", "hydra.run.dir cannot be resolved: Interpolation key 'nope' not found"),
 ])
 def test_refused_run_is_one_line_and_leaves_no_directory(tmp_path, bad, needle):
     out = cli(tmp_path, *MT1, bad)
