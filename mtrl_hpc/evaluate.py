@@ -218,7 +218,8 @@ def _main(argv: list[str]) -> int:
         all_goals = options.get("all_goals", False)
         episodes = options.get("episodes", default_episodes(policy, all_goals))
         out = options.get("out")
-        suffix = "_fixed_goal" if on_fixed_goal(policy, all_goals) else ""
+        fixed_goal = on_fixed_goal(policy, all_goals)
+        suffix = "_fixed_goal" if fixed_goal else ""
         out_dir = pathlib.Path(out) if out else (run_dir_of(policy.path) / "evaluation"
                                                  / f"step_{policy.step:012d}_seed_{seed}_episodes_{episodes}{suffix}")
         files.make_dirs(out_dir)
@@ -238,7 +239,7 @@ def _main(argv: list[str]) -> int:
         return 2
     print(f"{policy.path} (step {policy.step}, {policy.config.env.name}, seed {seed}, "
           f"{result.episode_success.shape[1]} episodes per task"
-          f"{' on its fixed goal' if on_fixed_goal(policy, all_goals) else ''})")
+          f"{' on its fixed goal' if fixed_goal else ''})")
     print(table(policy.task_names, result))
     print(f"wrote {out_dir / 'evaluation.csv'}, evaluation.json" + (f" and {len(videos)} videos" if videos else ""))
     return 0

@@ -10,7 +10,7 @@ task ("train" mode) or goal `episode % num_goals` is used ("eval" mode); with go
 use one goal per task drawn from the seed alone (mtrl's protocol). Apart from the goal, a
 MetaWorld v3 episode is a deterministic function of the actions: `reset` restores the whole MuJoCo
 state (`mj_resetData`), and the envs' own RNGs (`np_random`, the spaces' RNGs) are seeded but not
-used with fixed goals (they are still part of `get_state`).
+used once `set_task` has fixed the episode's goal (they are still part of `get_state`).
 """
 
 from __future__ import annotations
