@@ -100,6 +100,9 @@ def check_config(cfg) -> list[str]:
          f"agent.builder.target_entropy={target_entropy!r} must be a number, or null for -(action dimension)")
     need(agent.builder.actor_update_freq >= 1 and agent.builder.critic_target_update_freq >= 1,
          "agent.builder.actor_update_freq and critic_target_update_freq must be >= 1")
+    floor = agent.builder.obs_std_floor
+    need(math.isfinite(floor) and floor >= 0,
+         f"agent.builder.obs_std_floor={floor} must be a finite number >= 0 (0: no floor)")
     n_step = agent.builder.n_step
     need(1 <= n_step <= env.max_episode_steps,
          f"agent.builder.n_step={n_step} must be an integer in [1, env.max_episode_steps={env.max_episode_steps}] "

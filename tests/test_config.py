@@ -103,6 +103,8 @@ def test_defaults_follow_mtrl():
      "agent.optimizers.critic.lr_decay: start=100 and end=100 must be update counts with 0 <= start < end"),
     (["agent.optimizers.critic.lr=1e-4", "agent.optimizers.critic.lr_decay.final_lr=3e-4"],
      "agent.optimizers.critic.lr_decay.final_lr=0.0003 is above agent.optimizers.critic.lr=0.0001; set"),
+    (["agent.builder.obs_std_floor=-0.01"], "agent.builder.obs_std_floor=-0.01 must be a finite number >= 0 (0: no floor)"),
+    (["agent.builder.obs_std_floor=inf"], "agent.builder.obs_std_floor=inf must be a finite number >= 0"),
     (["agent.builder.n_step=0"], "agent.builder.n_step=0 must be an integer in [1, env.max_episode_steps=500]"),
     (["agent.builder.n_step=3", "experiment.init_steps=2"],
      "experiment.init_steps=2 is below agent.builder.n_step=3: the first update would find no 3-step row"),

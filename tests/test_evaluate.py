@@ -287,6 +287,21 @@ def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_ob
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
 
 
+def test_load_policy_of_a_run_from_before_the_std_floor_divides_by_the_std_alone(tmp_path):
+    experiment = older_run(tmp_path, ["agent.builder.obs_std_floor"], "agent.builder.normalize_obs=true",
+                           "agent.builder.obs_std_floor=0")
+    policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
+    assert policy.config.agent.builder.obs_std_floor == 0.0
+    # Observations a millimetre from the run's means: dimensions that never moved (std 1e-4) are where a floor
+    # of 0.01 would read them differently.
+    mean = experiment.agent.obs_normalizer.mean.float()
+    obs = (mean + 1e-3 * torch.as_tensor(np.random.default_rng(0).normal(size=(10, 39)), dtype=torch.float32)).numpy()
+    expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
+    np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
+    policy.agent.obs_normalizer.std_floor = 0.01  # today's default would act otherwise
+    assert not np.allclose(policy.act(obs, np.arange(10)), expected, atol=1e-3)
+
+
 def test_a_fixed_goal_run_is_evaluated_on_its_goal_unless_all_goals(tmp_path, capsys):
     # env.goal_select=fixed (mtrl's protocol): evaluate on the goal each task trained on, one episode by default.
     experiment = Experiment(make_cfg(tmp_path, "env.goal_select=fixed", "experiment.save.freq=0"), tmp_path)

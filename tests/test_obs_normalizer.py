@@ -1,5 +1,6 @@
 """Observation normalisation (agent.builder.normalize_obs): the running statistics against their closed form,
-the normalised observations against numpy, and a run that resumes exactly and evaluates with its statistics."""
+the normalised observations against numpy (with and without agent.builder.obs_std_floor), and a run that resumes
+exactly and evaluates with its statistics."""
 
 import signal
 
@@ -69,6 +70,31 @@ def test_rows_are_normalised_by_their_own_task_and_clipped():
     assert norm(torch.as_tensor(ids), torch.as_tensor(rows))[0].dtype == torch.float64
 
 
+def test_the_std_floor_keeps_the_depth_of_a_press_on_a_dimension_that_never_moved():
+    # MetaWorld's button-press-topdown: the button's height is constant until the hand presses it.
+    rng = np.random.default_rng(2)
+    T, D, steps = 1, 3, 3000
+    data = np.empty((steps, T, D))
+    data[:, 0, 0] = 0.3085  # the button's height
+    data[:, 0, 1] = rng.normal(0.2, 0.06, size=steps)  # the hand's height: varies by 6 cm
+    data[:, 0, 2] = rng.normal(0.0, 0.004, size=steps)  # varies, but by less than the floor
+    pressed = np.array([[0.3085 - 0.003, 0.25, 0.003], [0.3085 - 0.07, 0.25, 0.003]])  # a 3 mm and a 7 cm press
+    plain, floored = ObsNormalizer(T, D), ObsNormalizer(T, D, std_floor=0.01)
+    for x in data:
+        for n in (plain, floored):
+            n.update(torch.as_tensor(x), torch.zeros(T, dtype=torch.long))
+    mean, var = closed_form(data[:, 0])
+    ids = torch.zeros(2, dtype=torch.long)
+    for norm, floor in ((plain, 0.0), (floored, 0.01)):
+        expected = np.clip((pressed - mean) / np.maximum(np.sqrt(var + 1e-8), floor), -10, 10)
+        np.testing.assert_allclose(norm(ids, torch.as_tensor(pressed))[0].numpy(), expected, rtol=1e-9, atol=1e-9)
+    # Without the floor both presses are the clip; with it they read as their depth in centimetres.
+    assert plain(ids, torch.as_tensor(pressed))[0][:, 0].tolist() == [-10.0, -10.0]
+    np.testing.assert_allclose(floored(ids, torch.as_tensor(pressed))[0][:, 0].numpy(), [-0.3, -7.0], atol=1e-6)
+    # The hand's height, whose std is above the floor, is normalised the same either way.
+    assert torch.equal(plain(ids, torch.as_tensor(pressed))[0][:, 1], floored(ids, torch.as_tensor(pressed))[0][:, 1])
+
+
 FLAG = "agent.builder.normalize_obs=true"
 # 400 rows per task and one-step rows: the replay keeps every observation of the 200 steps.
 CAPACITY = ["replay_buffer.capacity=4000", "agent.builder.n_step=1"]
@@ -101,7 +127,8 @@ def test_run_resumes_exactly_and_its_policy_normalises_with_the_saved_statistics
     policy = mtrl_hpc.load_policy(whole)
     rows = obs[np.arange(10), 7].astype(np.float32)
     mean, var = modules["obs_normalizer.mean"].numpy(), modules["obs_normalizer.var"].numpy()
-    normalised = np.clip((rows - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32)
+    std = np.maximum(np.sqrt(var + 1e-8), 0.01)  # agent.builder.obs_std_floor's default
+    normalised = np.clip((rows - mean) / std, -10, 10).astype(np.float32)
     policy.agent.obs_normalizer = None
     expected = policy.act(normalised, np.arange(10))
     policy.agent.obs_normalizer = mtrl_hpc.load_policy(whole).agent.obs_normalizer
@@ -113,12 +140,16 @@ def test_run_resumes_exactly_and_its_policy_normalises_with_the_saved_statistics
 def test_resuming_a_run_without_the_setting_or_with_another_is_refused_by_name():
     from mtrl_hpc.experiment import RESUME_KEYS
 
-    current = {"agent": {"builder": {"normalize_obs": True, "n_step": 3}}}
+    current = {"agent": {"builder": {"normalize_obs": True, "n_step": 3, "obs_std_floor": 0.01}}}
     older = {"agent": {"builder": {}}}  # written before the keys existed
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.check_compatible(older, current, RESUME_KEYS)
     assert "agent.builder.normalize_obs: checkpoint has <missing>, this run has True" in str(info.value)
     assert "agent.builder.n_step: checkpoint has <missing>, this run has 3" in str(info.value)
-    other = {"agent": {"builder": {"normalize_obs": False, "n_step": 3}}}
+    assert "agent.builder.obs_std_floor: checkpoint has <missing>, this run has 0.01" in str(info.value)
+    other = {"agent": {"builder": {"normalize_obs": False, "n_step": 3, "obs_std_floor": 0.01}}}
     with pytest.raises(checkpoint.CheckpointError, match="normalize_obs: checkpoint has False, this run has True"):
+        checkpoint.check_compatible(other, current, RESUME_KEYS)
+    other = {"agent": {"builder": {"normalize_obs": True, "n_step": 3, "obs_std_floor": 0.0}}}
+    with pytest.raises(checkpoint.CheckpointError, match="obs_std_floor: checkpoint has 0.0, this run has 0.01"):
         checkpoint.check_compatible(other, current, RESUME_KEYS)

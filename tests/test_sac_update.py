@@ -131,12 +131,14 @@ class ReferenceSAC:
         self.opts = {name: Adam(params, opt[name].lr, tuple(opt[name].betas), opt[name].eps)
                      for name, params in (("critic", flat(self.critic)), ("actor", flat(self.actor)), ("alpha", [self.log_alpha]))}
         self.clip = {name: opt[name].max_grad_norm for name in self.opts}
+        self.std_floor = b.obs_std_floor
         self.opt_cfg = opt
 
     def inputs(self, obs, task_ids):
         if self.obs_stats is not None:
             mean, var = self.obs_stats
-            obs = ((obs - mean[task_ids]) / torch.sqrt(var[task_ids] + 1e-8)).clamp(-10, 10)
+            std = torch.maximum(torch.sqrt(var[task_ids] + 1e-8), torch.tensor(self.std_floor, dtype=obs.dtype))
+            obs = ((obs - mean[task_ids]) / std).clamp(-10, 10)
         return torch.cat([obs, torch.eye(T, dtype=obs.dtype)[task_ids]], -1) if self.uses_task else obs
 
     def sample(self, x, task_ids):
@@ -253,6 +255,7 @@ def test_updates_equal_an_independent_eager_sac(variant):
     if cfg.builder.normalize_obs:
         # Offsets and scales far from 0 and 1, different per task and per dimension.
         scale, offset = torch.rand(T, OBS, generator=gen, dtype=torch.float64) * 5, torch.randn(T, OBS, generator=gen, dtype=torch.float64) * 3
+        scale[:, 0] = 1e-3  # a dimension that barely moves: divided by agent.builder.obs_std_floor, not its std
         observations = offset + scale * torch.randn(40, T, OBS, generator=gen, dtype=torch.float64)
         for obs in observations:
             agent.observe(obs, torch.arange(T))

@@ -8,9 +8,17 @@ standard deviations), so the centimetre that decides success (within 5 cm of the
 Statistics: the mean and variance of every observation the run collected for that task (training steps, the
 random initial steps included; evaluation episodes are not), merged one step at a time as SB3's RunningMeanStd
 does (the count starts at 1e-4, the mean at 0, the variance at 1). An observation becomes
-clip((obs - mean) / sqrt(var + 1e-8), -10, 10). Replay keeps raw observations and each sampled batch is
+clip((obs - mean) / max(sqrt(var + 1e-8), std_floor), -10, 10). Replay keeps raw observations and each sampled batch is
 normalised with the statistics of the moment, as SB3 does. The statistics are buffers of the agent: they are in
 every checkpoint, a resumed run continues them exactly, and a policy loaded for evaluation normalises as the run did.
+
+Why a floor on the std (agent.builder.obs_std_floor, in the observation's units; SB3 has none): a dimension that
+does not move while the agent explores has a running std that falls to 1e-4 (the 1e-8 epsilon). Button-press-
+topdown's button height is one: its std over random actions is 1e-14. The first press then divides millimetres by
+1e-4 and clips at -10, so a 2 mm press and the 7 cm that succeed give the networks the same input, and how far the
+button went, which is what its reward and success measure, is lost. With a 1 cm floor a press reads as its depth
+in centimetres. Dimensions that vary by more than the floor (hands, goals, objects moved in exploration) are
+normalised as before, and constant ones stay at 0 either way.
 """
 
 import torch
@@ -22,8 +30,9 @@ INITIAL_COUNT = 1e-4
 
 
 class ObsNormalizer(nn.Module):
-    def __init__(self, num_tasks: int, obs_dim: int):
+    def __init__(self, num_tasks: int, obs_dim: int, std_floor: float = 0.0):
         super().__init__()
+        self.std_floor = float(std_floor)
         # float64: a float32 mean drifts once the count reaches about 1e6 steps.
         self.register_buffer("count", torch.full((num_tasks,), INITIAL_COUNT, dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(num_tasks, obs_dim, dtype=torch.float64))
@@ -46,5 +55,5 @@ class ObsNormalizer(nn.Module):
         float64 input). Several tensors of the same rows (obs, next_obs) share one gather of the statistics."""
         dtype = torch.promote_types(obs[0].dtype, torch.float32)
         mean = self.mean[task_ids].to(dtype)
-        std = (self.var[task_ids] + EPS).sqrt().to(dtype)
+        std = (self.var[task_ids] + EPS).sqrt().clamp_min(self.std_floor).to(dtype)
         return tuple(((x.to(dtype) - mean) / std).clamp(-CLIP, CLIP) for x in obs)
