@@ -42,7 +42,7 @@ RESUME_KEYS = (
     "env.builder.make_kwargs.should_perform_reward_normalization", "agent.name",
     "agent.actor", "agent.critic", "agent.encoder", "agent.encoder_feature_dim", "agent.multitask", "replay_buffer.capacity",
     "replay_buffer.obs_dtype", "setup.seed", "agent.builder.n_step", "agent.builder.normalize_obs",
-    "agent.builder.obs_std_floor",
+    "agent.builder.obs_std_floor", "agent.builder.normalize_obs_per_task",
 )
 
 

@@ -118,6 +118,8 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
             # One from before the std floor existed divided by the std alone.
             if "builder" in cfg.agent and "obs_std_floor" not in cfg.agent.builder:
                 cfg.agent.builder.obs_std_floor = 0.0
+            if "builder" in cfg.agent and "normalize_obs_per_task" not in cfg.agent.builder:
+                cfg.agent.builder.normalize_obs_per_task = True
             # One from before goal selection existed drew every training goal uniformly.
             if "goal_select" not in cfg.env:
                 cfg.env.goal_select = "random"

@@ -287,11 +287,13 @@ def test_load_policy_of_a_run_from_before_observation_normalisation_feeds_raw_ob
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
 
 
-def test_load_policy_of_a_run_from_before_the_std_floor_divides_by_the_std_alone(tmp_path):
-    experiment = older_run(tmp_path, ["agent.builder.obs_std_floor"], "agent.builder.normalize_obs=true",
-                           "agent.builder.obs_std_floor=0")
+def test_load_policy_of_a_run_from_before_the_std_floor_divides_by_its_per_task_std_alone(tmp_path):
+    experiment = older_run(tmp_path, ["agent.builder.obs_std_floor", "agent.builder.normalize_obs_per_task"],
+                           "agent.builder.normalize_obs=true", "agent.builder.obs_std_floor=0",
+                           "agent.builder.normalize_obs_per_task=true")
     policy = mtrl_hpc.load_policy(tmp_path / "older", fill_missing_keys=True)
     assert policy.config.agent.builder.obs_std_floor == 0.0
+    assert policy.config.agent.builder.normalize_obs_per_task is True and policy.agent.obs_normalizer.mean.shape == (10, 39)
     # Observations a millimetre from the run's means: dimensions that never moved (std 1e-4) are where a floor
     # of 0.01 would read them differently.
     mean = experiment.agent.obs_normalizer.mean.float()

@@ -95,6 +95,39 @@ def test_the_std_floor_keeps_the_depth_of_a_press_on_a_dimension_that_never_move
     assert torch.equal(plain(ids, torch.as_tensor(pressed))[0][:, 1], floored(ids, torch.as_tensor(pressed))[0][:, 1])
 
 
+def test_shared_statistics_pool_every_task_and_normalise_all_rows_alike():
+    # agent.builder.normalize_obs_per_task=false: one mean and variance over all tasks' observations.
+    rng = np.random.default_rng(3)
+    T, D, steps = 4, 3, 150
+    data = rng.normal(size=(steps, T, D)) * rng.uniform(0.1, 3, size=(T, D)) + rng.normal(scale=5, size=(T, D))
+    norm = ObsNormalizer(T, D, per_task=False)
+    for x in data[:70]:
+        norm.update(torch.as_tensor(x), torch.arange(T))
+    resumed = ObsNormalizer(T, D, per_task=False)
+    resumed.load_state_dict(norm.state_dict())
+    for x in data[70:]:
+        for n in (norm, resumed):
+            n.update(torch.as_tensor(x), torch.arange(T))
+    for name in ("count", "mean", "var"):
+        torch.testing.assert_close(getattr(resumed, name), getattr(norm, name), rtol=0, atol=0)
+    assert norm.mean.shape == (1, D) and norm.count.item() == pytest.approx(steps * T + PRIOR_COUNT, abs=1e-9)
+    mean, var = closed_form(data.reshape(-1, D))  # every task's rows pooled
+    np.testing.assert_allclose(norm.mean[0].numpy(), mean, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(norm.var[0].numpy(), var, rtol=1e-9, atol=1e-9)
+    rows = rng.normal(size=(5, D)) * 4
+    ids = torch.as_tensor([3, 0, 1, 2, 0])
+    expected = np.clip((rows - mean) / np.sqrt(var + 1e-8), -10, 10)
+    np.testing.assert_allclose(norm(ids, torch.as_tensor(rows))[0].numpy(), expected, rtol=1e-9, atol=1e-9)
+    # The same observation reads the same whatever its task, unlike with per-task statistics.
+    same = torch.as_tensor(np.repeat(rows[:1], T, 0))
+    out = norm(torch.arange(T), same)[0]
+    assert torch.equal(out, out[:1].expand(T, D))
+    per_task = ObsNormalizer(T, D)
+    for x in data:
+        per_task.update(torch.as_tensor(x), torch.arange(T))
+    assert not torch.allclose(per_task(torch.arange(T), same)[0][0], per_task(torch.arange(T), same)[0][1])
+
+
 FLAG = "agent.builder.normalize_obs=true"
 # 400 rows per task and one-step rows: the replay keeps every observation of the 200 steps.
 CAPACITY = ["replay_buffer.capacity=4000", "agent.builder.n_step=1"]
@@ -127,8 +160,7 @@ def test_run_resumes_exactly_and_its_policy_normalises_with_the_saved_statistics
     policy = mtrl_hpc.load_policy(whole)
     rows = obs[np.arange(10), 7].astype(np.float32)
     mean, var = modules["obs_normalizer.mean"].numpy(), modules["obs_normalizer.var"].numpy()
-    std = np.maximum(np.sqrt(var + 1e-8), 0.01)  # agent.builder.obs_std_floor's default
-    normalised = np.clip((rows - mean) / std, -10, 10).astype(np.float32)
+    normalised = np.clip((rows - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32)
     policy.agent.obs_normalizer = None
     expected = policy.act(normalised, np.arange(10))
     policy.agent.obs_normalizer = mtrl_hpc.load_policy(whole).agent.obs_normalizer
@@ -140,16 +172,22 @@ def test_run_resumes_exactly_and_its_policy_normalises_with_the_saved_statistics
 def test_resuming_a_run_without_the_setting_or_with_another_is_refused_by_name():
     from mtrl_hpc.experiment import RESUME_KEYS
 
-    current = {"agent": {"builder": {"normalize_obs": True, "n_step": 3, "obs_std_floor": 0.01}}}
+    current = {"agent": {"builder": {"normalize_obs": True, "n_step": 3, "obs_std_floor": 0.01,
+                                     "normalize_obs_per_task": True}}}
     older = {"agent": {"builder": {}}}  # written before the keys existed
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.check_compatible(older, current, RESUME_KEYS)
     assert "agent.builder.normalize_obs: checkpoint has <missing>, this run has True" in str(info.value)
     assert "agent.builder.n_step: checkpoint has <missing>, this run has 3" in str(info.value)
     assert "agent.builder.obs_std_floor: checkpoint has <missing>, this run has 0.01" in str(info.value)
-    other = {"agent": {"builder": {"normalize_obs": False, "n_step": 3, "obs_std_floor": 0.01}}}
+    assert "agent.builder.normalize_obs_per_task: checkpoint has <missing>, this run has True" in str(info.value)
+    other = {"agent": {"builder": {"normalize_obs": False, "n_step": 3, "obs_std_floor": 0.01,
+                                   "normalize_obs_per_task": True}}}
     with pytest.raises(checkpoint.CheckpointError, match="normalize_obs: checkpoint has False, this run has True"):
         checkpoint.check_compatible(other, current, RESUME_KEYS)
-    other = {"agent": {"builder": {"normalize_obs": True, "n_step": 3, "obs_std_floor": 0.0}}}
-    with pytest.raises(checkpoint.CheckpointError, match="obs_std_floor: checkpoint has 0.0, this run has 0.01"):
+    other = {"agent": {"builder": {"normalize_obs": True, "n_step": 3, "obs_std_floor": 0.0,
+                                   "normalize_obs_per_task": False}}}
+    with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.check_compatible(other, current, RESUME_KEYS)
+    assert "obs_std_floor: checkpoint has 0.0, this run has 0.01" in str(info.value)
+    assert "normalize_obs_per_task: checkpoint has False, this run has True" in str(info.value)

@@ -239,8 +239,10 @@ VARIANTS = {
     # A target above the initial entropy, so the temperature moves the other way than with -|A|.
     "target_entropy": (["agent.builder.target_entropy=1.5", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
     "n_step_3": (["agent.builder.n_step=3", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
-    "normalize_obs": (["agent.builder.normalize_obs=True", "agent.multitask.should_use_multi_head_policy=True",
-                       *NO_TASK_INFO], EQUAL),
+    "normalize_obs": (["agent.builder.normalize_obs=True", "agent.builder.obs_std_floor=0.01",
+                       "agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], EQUAL),
+    "normalize_obs_shared": (["agent.builder.normalize_obs=True", "agent.builder.normalize_obs_per_task=False"],
+                             UNEQUAL),
 }
 
 
@@ -259,7 +261,10 @@ def test_updates_equal_an_independent_eager_sac(variant):
         observations = offset + scale * torch.randn(40, T, OBS, generator=gen, dtype=torch.float64)
         for obs in observations:
             agent.observe(obs, torch.arange(T))
-        ref.obs_stats = closed_form(observations)  # [T, OBS] each
+        if cfg.builder.normalize_obs_per_task:
+            ref.obs_stats = closed_form(observations)  # [T, OBS] each
+        else:  # one mean and variance over every task's rows, the same for each task
+            ref.obs_stats = tuple(m.expand(T, OBS) for m in closed_form(observations.reshape(-1, OBS)))
     for step in range(UPDATES):
         batch = make_batch(gen, task_ids)
         torch.manual_seed(100 + step)

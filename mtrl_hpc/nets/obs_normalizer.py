@@ -30,18 +30,31 @@ INITIAL_COUNT = 1e-4
 
 
 class ObsNormalizer(nn.Module):
-    def __init__(self, num_tasks: int, obs_dim: int, std_floor: float = 0.0):
+    def __init__(self, num_tasks: int, obs_dim: int, std_floor: float = 0.0, per_task: bool = True):
+        """per_task=False: one set of statistics for all tasks (agent.builder.normalize_obs_per_task)."""
         super().__init__()
         self.std_floor = float(std_floor)
+        self.per_task = bool(per_task)
+        sets = num_tasks if per_task else 1
         # float64: a float32 mean drifts once the count reaches about 1e6 steps.
-        self.register_buffer("count", torch.full((num_tasks,), INITIAL_COUNT, dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(num_tasks, obs_dim, dtype=torch.float64))
-        self.register_buffer("var", torch.ones(num_tasks, obs_dim, dtype=torch.float64))
+        self.register_buffer("count", torch.full((sets,), INITIAL_COUNT, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(sets, obs_dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(sets, obs_dim, dtype=torch.float64))
 
     @torch.no_grad()
     def update(self, obs: torch.Tensor, task_ids: torch.Tensor) -> None:
         """Adds one observation per task: obs [rows, obs_dim] with distinct task_ids [rows]."""
         x = obs.to(torch.float64)
+        if not self.per_task:
+            # All rows into the one set at once: SB3's RunningMeanStd.update_from_moments (Chan et al.'s merge).
+            rows = x.shape[0]
+            count, total = self.count[0], self.count[0] + rows
+            delta = x.mean(0) - self.mean[0]
+            m2 = self.var[0] * count + x.var(0, unbiased=False) * rows + delta.square() * (count * rows / total)
+            self.mean[0] += delta * (rows / total)
+            self.var[0] = m2 / total
+            self.count[0] = total
+            return
         count = self.count[task_ids]
         mean, var = self.mean[task_ids], self.var[task_ids]
         total = count + 1
@@ -54,6 +67,7 @@ class ObsNormalizer(nn.Module):
         """Each obs [rows, obs_dim] of tasks task_ids [rows] -> normalised [rows, obs_dim], in float32 (float64 for
         float64 input). Several tensors of the same rows (obs, next_obs) share one gather of the statistics."""
         dtype = torch.promote_types(obs[0].dtype, torch.float32)
-        mean = self.mean[task_ids].to(dtype)
-        std = (self.var[task_ids] + EPS).sqrt().clamp_min(self.std_floor).to(dtype)
+        sets = task_ids if self.per_task else torch.zeros_like(task_ids)
+        mean = self.mean[sets].to(dtype)
+        std = (self.var[sets] + EPS).sqrt().clamp_min(self.std_floor).to(dtype)
         return tuple(((x.to(dtype) - mean) / std).clamp(-CLIP, CLIP) for x in obs)
