@@ -300,7 +300,7 @@ def test_load_policy_of_a_run_from_before_the_std_floor_divides_by_its_per_task_
     obs = (mean + 1e-3 * torch.as_tensor(np.random.default_rng(0).normal(size=(10, 39)), dtype=torch.float32)).numpy()
     expected = experiment.agent.act(torch.as_tensor(obs), torch.arange(10), sample=False).numpy()
     np.testing.assert_array_equal(policy.act(obs, np.arange(10)), expected)
-    policy.agent.obs_normalizer.std_floor = 0.01  # today's default would act otherwise
+    policy.agent.obs_normalizer.std_floor = 0.01  # a floor would act otherwise
     assert not np.allclose(policy.act(obs, np.arange(10)), expected, atol=1e-3)
 
 

@@ -129,8 +129,9 @@ def test_shared_statistics_pool_every_task_and_normalise_all_rows_alike():
 
 
 FLAG = "agent.builder.normalize_obs=true"
-# 400 rows per task and one-step rows: the replay keeps every observation of the 200 steps.
-CAPACITY = ["replay_buffer.capacity=4000", "agent.builder.n_step=1"]
+# 400 rows per task and one-step rows: the replay keeps every observation of the 200 steps. Per-task statistics,
+# checked below task by task.
+CAPACITY = ["replay_buffer.capacity=4000", "agent.builder.n_step=1", "agent.builder.normalize_obs_per_task=true"]
 
 
 def test_run_resumes_exactly_and_its_policy_normalises_with_the_saved_statistics(tmp_path_factory):

@@ -239,7 +239,8 @@ VARIANTS = {
     # A target above the initial entropy, so the temperature moves the other way than with -|A|.
     "target_entropy": (["agent.builder.target_entropy=1.5", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
     "n_step_3": (["agent.builder.n_step=3", "agent.multitask.should_use_disentangled_alpha=True"], UNEQUAL),
-    "normalize_obs": (["agent.builder.normalize_obs=True", "agent.builder.obs_std_floor=0.01",
+    "normalize_obs": (["agent.builder.normalize_obs=True", "agent.builder.normalize_obs_per_task=True",
+                       "agent.builder.obs_std_floor=0.01",
                        "agent.multitask.should_use_multi_head_policy=True", *NO_TASK_INFO], EQUAL),
     "normalize_obs_shared": (["agent.builder.normalize_obs=True", "agent.builder.normalize_obs_per_task=False"],
                              UNEQUAL),

@@ -1,13 +1,18 @@
-"""Observation normalisation by running statistics per task: SB3's VecNormalize(norm_obs=True), one set of
-statistics for each task.
+"""Observation normalisation by running statistics: SB3's VecNormalize(norm_obs=True), with one set of statistics
+for all tasks (the default) or one per task (agent.builder.normalize_obs_per_task).
 
 Why: MetaWorld's observations are positions in metres. On reach-v3 the hand and the goal vary by 3-8 cm (their
 standard deviations), so the centimetre that decides success (within 5 cm of the goal) is a difference of about
 0.01 in the networks' input. Divided by the running std it is a difference of 0.1-0.3.
 
-Statistics: the mean and variance of every observation the run collected for that task (training steps, the
-random initial steps included; evaluation episodes are not), merged one step at a time as SB3's RunningMeanStd
-does (the count starts at 1e-4, the mean at 0, the variance at 1). An observation becomes
+Why one set for all tasks: per-task statistics centre every task's observations on the same point, so the shared
+networks tell tasks apart by their one-hot alone; on MT10 they held button-press-topdown at 0.0 where one set
+had it at 0.8 by 20k (docs/learning.md). On MT1 the two are the same.
+
+Statistics: the mean and variance of every observation the run collected, of all tasks or of that task (training
+steps, the random initial steps included; evaluation episodes are not), merged one step at a time as SB3's RunningMeanStd
+does (the count starts at 1e-4, the mean at 0, the variance at 1); one set for all tasks merges each step's rows
+at once, as SB3's update_from_moments does. An observation becomes
 clip((obs - mean) / max(sqrt(var + 1e-8), std_floor), -10, 10). Replay keeps raw observations and each sampled batch is
 normalised with the statistics of the moment, as SB3 does. The statistics are buffers of the agent: they are in
 every checkpoint, a resumed run continues them exactly, and a policy loaded for evaluation normalises as the run did.
@@ -18,7 +23,8 @@ topdown's button height is one: its std over random actions is 1e-14. The first 
 1e-4 and clips at -10, so a 2 mm press and the 7 cm that succeed give the networks the same input, and how far the
 button went, which is what its reward and success measure, is lost. With a 1 cm floor a press reads as its depth
 in centimetres. Dimensions that vary by more than the floor (hands, goals, objects moved in exploration) are
-normalised as before, and constant ones stay at 0 either way.
+normalised as before, and constant ones stay at 0 either way. Off by default: on MT10 with per-task statistics
+it did not help the task (docs/learning.md).
 """
 
 import torch
