@@ -94,11 +94,17 @@ class Policy:
         return actions[0] if single else actions
 
 
+# What a run from before each agent.builder key existed did, where today's default differs or may change: it fed
+# its networks raw observations, divided them by the std alone, and kept one set of statistics per task.
+OLDER_BUILDER_VALUES = {"normalize_obs": False, "obs_std_floor": 0.0, "normalize_obs_per_task": True}
+
+
 def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> Policy:
     """The policy of a checkpoint file, or of the newest good checkpoint of a run directory.
 
     device: where the actor runs (cpu, cuda, cuda:N or auto). fill_missing_keys: config keys the checkpoint's
-    run did not have (written by an older mtrl_hpc) take today's defaults; the networks must still match.
+    run did not have (written by an older mtrl_hpc) take what that run did (OLDER_BUILDER_VALUES, uniform goal draws)
+    or else today's defaults; the networks must still match.
     Raises CheckpointError for a missing, corrupt or incomplete checkpoint."""
     from mtrl_hpc.agents import make_agent
     from mtrl_hpc.config_checks import resolve_device
@@ -112,15 +118,10 @@ def load_policy(path, device: str = "cpu", fill_missing_keys: bool = False) -> P
         if fill_missing_keys:
             from mtrl_hpc.config_schema import reference_config
 
-            # A run from before observation normalisation existed fed its networks raw observations.
-            if "builder" in cfg.agent and "normalize_obs" not in cfg.agent.builder:
-                cfg.agent.builder.normalize_obs = False
-            # One from before the std floor existed divided by the std alone.
-            if "builder" in cfg.agent and "obs_std_floor" not in cfg.agent.builder:
-                cfg.agent.builder.obs_std_floor = 0.0
-            if "builder" in cfg.agent and "normalize_obs_per_task" not in cfg.agent.builder:
-                cfg.agent.builder.normalize_obs_per_task = True
-            # One from before goal selection existed drew every training goal uniformly.
+            if "builder" in cfg.agent:
+                for key, value in OLDER_BUILDER_VALUES.items():
+                    cfg.agent.builder.setdefault(key, value)
+            # A run from before goal selection existed drew every training goal uniformly.
             if "goal_select" not in cfg.env:
                 cfg.env.goal_select = "random"
 

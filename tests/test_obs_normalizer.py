@@ -1,6 +1,6 @@
-"""Observation normalisation (agent.builder.normalize_obs): the running statistics against their closed form,
-the normalised observations against numpy (with and without agent.builder.obs_std_floor), and a run that resumes
-exactly and evaluates with its statistics."""
+"""Observation normalisation (agent.builder.normalize_obs): the running statistics, per task and one set for all
+tasks, against their closed form, the normalised observations against numpy (with and without
+agent.builder.obs_std_floor), and a run that resumes exactly and evaluates with its statistics."""
 
 import signal
 
@@ -126,6 +126,13 @@ def test_shared_statistics_pool_every_task_and_normalise_all_rows_alike():
     for x in data:
         per_task.update(torch.as_tensor(x), torch.arange(T))
     assert not torch.allclose(per_task(torch.arange(T), same)[0][0], per_task(torch.arange(T), same)[0][1])
+    # With one task the two are the same to the bit (MT1's results hold for either setting).
+    one_set, one_task = ObsNormalizer(1, D, per_task=False), ObsNormalizer(1, D)
+    for x in data[:, :1]:
+        for n in (one_set, one_task):
+            n.update(torch.as_tensor(x), torch.zeros(1, dtype=torch.long))
+    for name in ("count", "mean", "var"):
+        assert torch.equal(getattr(one_set, name), getattr(one_task, name)), name
 
 
 FLAG = "agent.builder.normalize_obs=true"

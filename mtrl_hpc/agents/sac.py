@@ -115,7 +115,8 @@ class SACAgent(nn.Module):
                 init_weights(net, b.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.encoder_target = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.obs_normalizer = ObsNormalizer(num_tasks, obs_dim, b.obs_std_floor, b.normalize_obs_per_task) if b.normalize_obs else None
+        self.obs_normalizer = (ObsNormalizer(num_tasks, obs_dim, b.obs_std_floor, b.normalize_obs_per_task)
+                               if b.normalize_obs else None)
         self.register_buffer("_all_task_ids", torch.arange(num_tasks), persistent=False)
         self.use_task_weights = bool(mt.should_use_soft_modules_task_weights)
         num_alphas = num_tasks if mt.should_use_disentangled_alpha else 1

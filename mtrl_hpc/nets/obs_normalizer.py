@@ -7,15 +7,16 @@ standard deviations), so the centimetre that decides success (within 5 cm of the
 
 Why one set for all tasks: per-task statistics centre every task's observations on the same point, so the shared
 networks tell tasks apart by their one-hot alone; on MT10 they held button-press-topdown at 0.0 where one set
-had it at 0.8 by 20k (docs/learning.md). On MT1 the two are the same.
+had it at 0.8 by 20k (docs/learning.md).
 
 Statistics: the mean and variance of every observation the run collected, of all tasks or of that task (training
-steps, the random initial steps included; evaluation episodes are not), merged one step at a time as SB3's RunningMeanStd
-does (the count starts at 1e-4, the mean at 0, the variance at 1); one set for all tasks merges each step's rows
-at once, as SB3's update_from_moments does. An observation becomes
-clip((obs - mean) / max(sqrt(var + 1e-8), std_floor), -10, 10). Replay keeps raw observations and each sampled batch is
-normalised with the statistics of the moment, as SB3 does. The statistics are buffers of the agent: they are in
-every checkpoint, a resumed run continues them exactly, and a policy loaded for evaluation normalises as the run did.
+steps, the random initial steps included; evaluation episodes are not), merged one step at a time as SB3's
+RunningMeanStd does (the count starts at 1e-4, the mean at 0, the variance at 1): each step's rows as one batch
+for the one set, each row as a batch of one for its task's set. With one task the two are the same to the bit.
+An observation becomes clip((obs - mean) / max(sqrt(var + 1e-8), std_floor), -10, 10). Replay keeps raw
+observations and each sampled batch is normalised with the statistics of the moment, as SB3 does. The statistics
+are buffers of the agent: they are in every checkpoint, a resumed run continues them exactly, and a policy loaded
+for evaluation normalises as the run did.
 
 Why a floor on the std (agent.builder.obs_std_floor, in the observation's units; SB3 has none): a dimension that
 does not move while the agent explores has a running std that falls to 1e-4 (the 1e-8 epsilon). Button-press-
@@ -51,29 +52,26 @@ class ObsNormalizer(nn.Module):
     def update(self, obs: torch.Tensor, task_ids: torch.Tensor) -> None:
         """Adds one observation per task: obs [rows, obs_dim] with distinct task_ids [rows]."""
         x = obs.to(torch.float64)
-        if not self.per_task:
-            # All rows into the one set at once: SB3's RunningMeanStd.update_from_moments (Chan et al.'s merge).
-            rows = x.shape[0]
-            count, total = self.count[0], self.count[0] + rows
-            delta = x.mean(0) - self.mean[0]
-            m2 = self.var[0] * count + x.var(0, unbiased=False) * rows + delta.square() * (count * rows / total)
-            self.mean[0] += delta * (rows / total)
-            self.var[0] = m2 / total
-            self.count[0] = total
-            return
-        count = self.count[task_ids]
-        mean, var = self.mean[task_ids], self.var[task_ids]
-        total = count + 1
-        delta = x - mean
-        self.mean[task_ids] = mean + delta / total[:, None]
-        self.var[task_ids] = (var * count[:, None] + delta.square() * (count / total)[:, None]) / total[:, None]
-        self.count[task_ids] = total
+        # Chan et al.'s merge of a batch's moments into running ones (SB3's RunningMeanStd.update_from_moments):
+        # per task each row is a batch of one for its own set; with one set all rows are one batch.
+        if self.per_task:
+            sets, batch_mean, batch_var, n = task_ids, x, 0.0, 1
+        else:
+            sets, n = slice(0, 1), x.shape[0]
+            batch_mean, batch_var = x.mean(0, keepdim=True), x.var(0, unbiased=False, keepdim=True)
+        count, mean, var = self.count[sets], self.mean[sets], self.var[sets]
+        total = count + n
+        delta = batch_mean - mean
+        self.mean[sets] = mean + delta * n / total[:, None]
+        m2 = var * count[:, None] + batch_var * n + delta.square() * (count * n / total)[:, None]
+        self.var[sets] = m2 / total[:, None]
+        self.count[sets] = total
 
     def forward(self, task_ids: torch.Tensor, *obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each obs [rows, obs_dim] of tasks task_ids [rows] -> normalised [rows, obs_dim], in float32 (float64 for
         float64 input). Several tensors of the same rows (obs, next_obs) share one gather of the statistics."""
         dtype = torch.promote_types(obs[0].dtype, torch.float32)
-        sets = task_ids if self.per_task else torch.zeros_like(task_ids)
-        mean = self.mean[sets].to(dtype)
-        std = (self.var[sets] + EPS).sqrt().clamp_min(self.std_floor).to(dtype)
+        # One set: its [1, obs_dim] statistics broadcast over the rows, no gather.
+        mean, var = (self.mean[task_ids], self.var[task_ids]) if self.per_task else (self.mean, self.var)
+        mean, std = mean.to(dtype), (var + EPS).sqrt().clamp_min(self.std_floor).to(dtype)
         return tuple(((x.to(dtype) - mean) / std).clamp(-CLIP, CLIP) for x in obs)
