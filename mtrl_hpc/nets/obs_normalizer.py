@@ -7,7 +7,7 @@ standard deviations), so the centimetre that decides success (within 5 cm of the
 
 Why one set for all tasks: per-task statistics centre every task's observations on the same point, so the shared
 networks tell tasks apart by their one-hot alone; on MT10 they held button-press-topdown at 0.0 where one set
-had it at 0.8 by 20k (docs/learning.md).
+had it at 1.0 from 30k to 50k (docs/learning.md).
 
 Statistics: the mean and variance of every observation the run collected, of all tasks or of that task (training
 steps, the random initial steps included; evaluation episodes are not), merged one step at a time as SB3's
