@@ -69,7 +69,7 @@ class ObsNormalizer(nn.Module):
 
     def forward(self, task_ids: torch.Tensor, *obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each obs [rows, obs_dim] of tasks task_ids [rows] -> normalised [rows, obs_dim], in float32 (float64 for
-        float64 input). Several tensors of the same rows (obs, next_obs) share one gather of the statistics."""
+        float64 input). Several tensors of the same rows (obs, next_obs) share one lookup of the statistics."""
         dtype = torch.promote_types(obs[0].dtype, torch.float32)
         # One set: its [1, obs_dim] statistics broadcast over the rows, no gather.
         mean, var = (self.mean[task_ids], self.var[task_ids]) if self.per_task else (self.mean, self.var)
