@@ -12,7 +12,9 @@
 Every dataset exists from the start and the file is in SWMR mode, so other processes can read it while the
 run appends: ``h5py.File(path, "r", swmr=True)``, then ``dataset.refresh()`` to see new rows (datasets of one
 row may differ in length by one while a row is being appended: read ``min`` of the lengths). Each row is
-flushed when logged.
+flushed when logged. A reader that opens the log in the moment before the run switches it to SWMR mode (at
+the run's start or resume) holds HDF5's file lock while it has the file open; the run waits up to
+``LOCK_WAIT_S`` for it to close.
 
 Resume: ``MetricsLog.resume(path, ..., last_step)`` keeps the rows with ``step <= last_step`` (the step of the
 checkpoint the run resumes from) and drops the rest, so the resumed run continues without duplicated or
@@ -25,9 +27,11 @@ files in the log's directory, tags ``<kind>/<key>`` and ``<kind>/<key>/<task nam
 
 from __future__ import annotations
 
+import errno
 import math
 import pathlib
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 import h5py
@@ -39,6 +43,8 @@ from mtrl_hpc.errors import short_error
 FORMAT = "mtrl_hpc.metrics"
 FORMAT_VERSION = 1
 KINDS = ("train", "eval")
+# How long opening the log for appending waits for other processes to release HDF5's file lock.
+LOCK_WAIT_S = 60.0
 
 # mtrl's metric set (config/metrics): scalar and per-task ("_env_index_" there) metrics.
 TRAIN_KEYS = ("episode", "duration", "episode_reward", "success", "batch_reward", "actor_loss", "critic_loss",
@@ -69,6 +75,29 @@ def _tensorboard_module():
         raise MetricsError("logger.tensorboard=true needs the tensorboard package: "
                            "pip install 'mtrl_hpc[tensorboard]'") from None
     return tensorboard_log
+
+
+def _open_for_appending(path: pathlib.Path) -> h5py.File:
+    """Opens the log read-write, waiting up to ``LOCK_WAIT_S`` s while another process holds HDF5's file lock.
+
+    A reader that opens the log (``h5py.File(path, "r", swmr=True)``, as a monitoring script does) before the
+    writer has switched it to SWMR mode holds a shared lock for as long as it reads; the writer waits for it
+    to let go instead of failing the run. A second writer is refused at once: HDF5 marks a file open for SWMR
+    writing, and that error is not a lock error.
+    """
+    deadline = time.monotonic() + LOCK_WAIT_S
+    delay = 0.01
+    while True:
+        try:
+            return h5py.File(path, "r+", libver="latest")
+        except OSError as e:
+            if e.errno != errno.EAGAIN or time.monotonic() >= deadline:
+                held = (f"another process has held it open for {LOCK_WAIT_S:g} s (a reader that keeps it "
+                        "open, or another run); close it or use a new run directory"
+                        if e.errno == errno.EAGAIN else "is another run writing it?")
+                raise MetricsError(f"cannot open {path} for appending ({short_error(e)}); {held}") from None
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
 
 
 def _task_key(key: str) -> str:
@@ -112,11 +141,7 @@ class MetricsLog:
             except OSError as e:
                 raise MetricsError(f"cannot create {self.path} ({short_error(e)}); check the directory's permissions "
                                    "and free space") from None
-        try:
-            self._f = h5py.File(self.path, "r+", libver="latest")
-        except OSError as e:
-            raise MetricsError(
-                f"cannot open {self.path} for appending ({short_error(e)}); is another run writing it?") from None
+        self._f = _open_for_appending(self.path)
         try:
             self._check_layout(self._f)
             self._f.swmr_mode = True

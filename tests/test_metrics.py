@@ -90,6 +90,72 @@ def test_second_process_reads_rows_appended_after_it_opened(tmp_path):
         assert read_log(path)["train"]["step"].tolist() == [1, 2, 3, 4]
 
 
+HOLDER = textwrap.dedent("""
+    import sys, time, h5py
+    with h5py.File(sys.argv[1], "r"):  # no swmr: HDF5 holds a shared lock while the file is open
+        print("open", flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+def hold_open(path, seconds):
+    """A reader in another process that holds the log open (and locked) for ``seconds``."""
+    reader = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE,
+                              text=True)
+    assert reader.stdout.readline().strip() == "open"
+    return reader
+
+
+def test_appending_waits_for_a_reader_to_release_the_file(tmp_path):
+    # A monitoring script that opens the log just before the run switches it to SWMR mode locks it briefly;
+    # the run waits instead of ending with "cannot open ... for appending".
+    path = tmp_path / "metrics.h5"
+    make(path).close()
+    reader = hold_open(path, 1.0)
+    try:
+        with make(path, _append=True) as log:
+            log.log("train", 7, {"episode": 1})
+    finally:
+        reader.kill()
+        reader.wait()
+    assert read_log(path)["train"]["step"].tolist() == [7]
+
+
+def test_appending_gives_up_on_a_reader_that_keeps_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.h5"
+    make(path).close()
+    monkeypatch.setattr(metrics, "LOCK_WAIT_S", 0.5)
+    reader = hold_open(path, 60)
+    try:
+        with pytest.raises(MetricsError, match="for appending .*held it open for 0.5 s \\(a reader that keeps"):
+            make(path, _append=True)
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+SECOND_WRITER = textwrap.dedent("""
+    import sys
+    from mtrl_hpc.metrics import MetricsError, MetricsLog
+    try:
+        MetricsLog(sys.argv[1], ["reach-v3", "push-v3", "pick-place-v3"], console=False, _append=True)
+    except MetricsError as e:
+        print(e)
+""")
+
+
+def test_a_second_writer_is_refused_without_waiting_for_the_lock(tmp_path):
+    path = tmp_path / "metrics.h5"
+    with make(path) as log:
+        log.log("train", 1, {"episode": 1})
+        out = subprocess.run([sys.executable, "-c", SECOND_WRITER, str(path)], capture_output=True, text=True,
+                             timeout=120, cwd=REPO)
+        # HDF5 marks the file as open for SWMR writing: not a lock error, so it is refused at once
+        assert "for appending" in out.stdout and "is another run writing it?" in out.stdout, out.stdout + out.stderr
+        log.log("train", 2, {"episode": 2})
+    assert read_log(path)["train"]["step"].tolist() == [1, 2]
+
+
 def test_resume_drops_rows_after_the_checkpoint_step(tmp_path):
     path = tmp_path / "metrics.h5"
     with make(path) as log:
