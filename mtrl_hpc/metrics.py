@@ -91,11 +91,12 @@ def _open_for_appending(path: pathlib.Path) -> h5py.File:
         try:
             return h5py.File(path, "r+", libver="latest")
         except OSError as e:
-            if e.errno != errno.EAGAIN or time.monotonic() >= deadline:
-                held = (f"another process has held it open for {LOCK_WAIT_S:g} s (a reader that keeps it "
-                        "open, or another run); close it or use a new run directory"
-                        if e.errno == errno.EAGAIN else "is another run writing it?")
-                raise MetricsError(f"cannot open {path} for appending ({short_error(e)}); {held}") from None
+            cannot = f"cannot open {path} for appending ({short_error(e)})"
+            if e.errno != errno.EAGAIN:
+                raise MetricsError(f"{cannot}; is another run writing it?") from None
+            if time.monotonic() >= deadline:
+                raise MetricsError(f"{cannot}; another process has held it open for {LOCK_WAIT_S:g} s (a reader "
+                                   "that keeps it open, or another run); close it or use a new run directory") from None
         time.sleep(delay)
         delay = min(2 * delay, 0.5)
 
